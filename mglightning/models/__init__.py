@@ -1,0 +1,19 @@
+"""Classifiers as plain `nn.Module`s; every model takes images in [0, 1] and normalises them itself."""
+
+from mglightning.models import resnet as _resnet  # noqa: F401  (registers the builders)
+from mglightning.models.layers import Normalize, make_activation
+from mglightning.models.registry import create_model, list_models, load_weights, register_model
+from mglightning.models.resnet import ResNet, resnet18
+from mglightning.models.timm_models import TimmClassifier
+
+__all__ = [
+    "Normalize",
+    "ResNet",
+    "TimmClassifier",
+    "create_model",
+    "list_models",
+    "load_weights",
+    "make_activation",
+    "register_model",
+    "resnet18",
+]
