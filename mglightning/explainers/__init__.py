@@ -1,0 +1,42 @@
+"""Attribution methods for image classifiers: the MoreauGrad family and the baselines it is compared with.
+
+Every method has Captum's shape: `Method(model, **settings).attribute(inputs, target, *, seeds=None,
+create_graph=False)`, and can be built by name with `build_explainer(name, model, **settings)`.
+"""
+
+from mglightning.explainers.base import SCORES, ClassScore, Explainer
+from mglightning.explainers.deeplift import DeepLift
+from mglightning.explainers.gradients import (
+    IntegratedGradients,
+    SimpleGradient,
+    SmoothGrad,
+    SparsifiedSmoothGrad,
+    sparsify_magnitudes,
+)
+from mglightning.explainers.moreaugrad import GroupSparseMoreauGrad, MoreauGrad, SparseMoreauGrad, moreau_surrogate
+from mglightning.explainers.prox import group_soft_threshold, soft_threshold
+from mglightning.explainers.registry import EXPLAINERS, build_explainer, explainer_settings, list_explainers
+from mglightning.explainers.relex import RelEx
+
+__all__ = [
+    "EXPLAINERS",
+    "SCORES",
+    "ClassScore",
+    "DeepLift",
+    "Explainer",
+    "GroupSparseMoreauGrad",
+    "IntegratedGradients",
+    "MoreauGrad",
+    "RelEx",
+    "SimpleGradient",
+    "SmoothGrad",
+    "SparseMoreauGrad",
+    "SparsifiedSmoothGrad",
+    "build_explainer",
+    "explainer_settings",
+    "group_soft_threshold",
+    "list_explainers",
+    "moreau_surrogate",
+    "soft_threshold",
+    "sparsify_magnitudes",
+]

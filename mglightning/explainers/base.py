@@ -1,0 +1,351 @@
+"""What every explainer shares: the base class, the class score `f_c`, per-sample noise and chunking.
+
+Conventions (SPEC sections 1-2): inputs are `(B, C, H, W)` images in [0, 1]; `target` holds one class per
+sample; noisy methods draw sample `i`'s noise only from `seeds[i]`, so a sample's map does not depend on
+its batch, its position in it, the chunk size or the device.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import math
+import warnings
+from typing import Callable, ClassVar, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+SCORES = ("logit", "log_softmax", "softmax")
+
+# Layers whose training-mode output depends on the rest of the batch or on random draws.
+_BATCH_DEPENDENT = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+class ClassScore:
+    """The score `f_c` of each sample's target class, evaluated on rows that each belong to one sample.
+
+    Args:
+        model: classifier returning `(N, num_classes)` logits.
+        score: `logit`, `log_softmax` or `softmax` (SPEC 1).
+        target: `(B,)` long tensor, one class per sample.
+
+    Example:
+        >>> objective = ClassScore(model, "logit", torch.tensor([3, 1]))
+        >>> gradient = objective.gradient(images)            # (2, C, H, W)
+    """
+
+    def __init__(self, model: nn.Module, score: str, target: Tensor) -> None:
+        self.model = model
+        self.score = score
+        self.target = target
+        self._max_target = int(target.max())
+
+    def select(self, logits: Tensor, sample_index: Tensor | None = None, score: str | None = None) -> Tensor:
+        """Pick row `r`'s score of class `target[sample_index[r]]` from `(N, num_classes)` logits."""
+        if logits.ndim != 2:
+            raise ValueError(f"The model must return (N, num_classes) scores, got shape {tuple(logits.shape)}.")
+        if self._max_target >= logits.shape[1]:
+            raise ValueError(
+                f"target {self._max_target} is out of range for a model with {logits.shape[1]} classes."
+            )
+        score = score or self.score
+        if score == "log_softmax":
+            logits = torch.log_softmax(logits, dim=1)
+        elif score == "softmax":
+            logits = torch.softmax(logits, dim=1)
+        target = self.target if sample_index is None else self.target[sample_index]
+        return logits.gather(1, target.unsqueeze(1)).squeeze(1)
+
+    def __call__(self, points: Tensor, sample_index: Tensor | None = None) -> Tensor:
+        """`f_c(points)`: one score per row; row `r` belongs to sample `sample_index[r]` (default: `r`)."""
+        return self.select(self.model(points), sample_index)
+
+    def gradient(self, points: Tensor, sample_index: Tensor | None = None, create_graph: bool = False) -> Tensor:
+        """`grad f_c(points)` row by row (samples are independent, so the gradient of the sum is per row).
+
+        With `create_graph=False` the points are detached first and no graph survives the call; with
+        `create_graph=True` they must require grad and the result can be differentiated through them.
+        """
+        if not create_graph:
+            points = points.detach().requires_grad_(True)
+        scores = self(points, sample_index)
+        (gradient,) = torch.autograd.grad(
+            scores.sum(), points, create_graph=create_graph, allow_unused=True, materialize_grads=True
+        )
+        return gradient
+
+
+class Explainer(abc.ABC):
+    """Base class of the explainers, in Captum's shape: settings in the constructor, the batch in `attribute`.
+
+    Subclasses set the class attributes and implement `_attribute`; `attribute` validates the call and
+    leaves `inputs`, all `.grad`s and the model's train/eval mode as they were.
+
+    Class attributes:
+        name: the registry name (`build_explainer(name, ...)`).
+        supports_create_graph: whether `attribute(..., create_graph=True)` is available.
+        surrogate: `"self"` when it is, otherwise the registry name of the method whose differentiable map
+            an interpretation attack uses instead (SPEC 5).
+
+    Args:
+        model: classifier taking `(B, C, H, W)` images in [0, 1] and returning `(B, num_classes)` logits.
+            Put it in eval mode first: batch norm in training mode makes a sample's map depend on its batch.
+        score: the class score explained: `logit` (default), `log_softmax` or `softmax`.
+    """
+
+    name: ClassVar[str]
+    supports_create_graph: ClassVar[bool] = True
+    surrogate: ClassVar[str] = "self"
+
+    def __init__(self, model: nn.Module, score: str = "logit") -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{type(self).__name__}: model must be a torch.nn.Module, got {type(model).__name__}.")
+        if score not in SCORES:
+            raise ValueError(f"{type(self).__name__}: score must be one of {SCORES}, got {score!r}.")
+        self.model = model
+        self.score = score
+
+    @property
+    def uses_noise(self) -> bool:
+        """Whether the method draws random numbers (and so uses `seeds`)."""
+        return False
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: int | Tensor,
+        *,
+        seeds: Tensor | None = None,
+        create_graph: bool = False,
+    ) -> Tensor:
+        """Attribute each sample's class score to its input pixels.
+
+        Args:
+            inputs: `(B, C, H, W)` float images.
+            target: the class explained: an int for all samples or a `(B,)` long tensor.
+            seeds: `(B,)` integer tensor, sample `i`'s noise comes only from `seeds[i]`; `None` draws one
+                seed per sample from torch's global RNG (so `torch.manual_seed` reproduces the maps).
+                Methods without noise check its length and ignore it.
+            create_graph: return a map that can be differentiated with respect to `inputs` (for the
+                interpretation attack); methods with `supports_create_graph = False` raise a `ValueError`.
+
+        Returns:
+            A signed tensor shaped like `inputs`.
+        """
+        if create_graph and not self.supports_create_graph:
+            raise ValueError(
+                f"{type(self).__name__} cannot return a differentiable map (create_graph=True); "
+                f"differentiate its declared surrogate {self.surrogate!r} instead "
+                f"(build_explainer({self.surrogate!r}, model))."
+            )
+        check_inputs(inputs)
+        target = format_target(target, inputs)
+        seeds = format_seeds(seeds, inputs.shape[0])
+        if self.uses_noise and seeds is None:
+            seeds = torch.randint(0, 2**62, (inputs.shape[0],), dtype=torch.long)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "Explainers need autograd, which torch.inference_mode() disables; call attribute outside "
+                "it (with Lightning: Trainer(inference_mode=False))."
+            )
+        if any(module.training and isinstance(module, _BATCH_DEPENDENT) for module in self.model.modules()):
+            warnings.warn(
+                f"{type(self).__name__}: the model has batch norm or dropout layers in training mode, which make "
+                "each map depend on its batch and the noise of the forward pass; call model.eval() first.",
+                stacklevel=2,
+            )
+        with torch.enable_grad():
+            return self._attribute(inputs, target, seeds, create_graph)
+
+    @abc.abstractmethod
+    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+        """The method itself, on validated arguments (`target` a `(B,)` long tensor, `seeds` set when noisy)."""
+
+    def _objective(self, target: Tensor) -> ClassScore:
+        return ClassScore(self.model, self.score, target)
+
+    @classmethod
+    def settings(cls) -> dict[str, object]:
+        """The constructor's settings (everything but `model`) with their defaults."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return {name: p.default for name, p in parameters.items() if name not in ("self", "model")}
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.settings())
+        return f"{type(self).__name__}({values})"
+
+
+def check_inputs(inputs: Tensor) -> None:
+    """Raise a `ValueError` unless `inputs` is a non-empty, finite, floating `(B, C, H, W)` tensor."""
+    if not isinstance(inputs, Tensor):
+        raise ValueError(f"inputs must be a torch.Tensor of shape (B, C, H, W), got {type(inputs).__name__}.")
+    if inputs.ndim != 4:
+        raise ValueError(
+            f"inputs must have shape (B, C, H, W), got {inputs.ndim} dimensions {tuple(inputs.shape)}; "
+            "add a batch dimension with inputs.unsqueeze(0) for a single image."
+        )
+    if inputs.shape[0] == 0:
+        raise ValueError("inputs is an empty batch.")
+    if not inputs.is_floating_point():
+        raise ValueError(f"inputs must be a floating tensor (images in [0, 1]), got {inputs.dtype}.")
+    if not torch.isfinite(inputs).all():
+        raise ValueError("inputs contains NaN or infinite values.")
+
+
+def format_target(target: int | Tensor, inputs: Tensor) -> Tensor:
+    """`target` as a `(B,)` long tensor on the inputs' device, after checking its type, length and sign."""
+    batch = inputs.shape[0]
+    if isinstance(target, Tensor) and target.ndim == 0:
+        target = int(target)
+    if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
+        raise ValueError(f"target must be an int or a (B,) long tensor, got {type(target).__name__}.")
+    if isinstance(target, int):
+        target = torch.full((batch,), target, dtype=torch.long)
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}.")
+    if target.shape != (batch,):
+        raise ValueError(
+            f"target must be an int or have shape ({batch},) (one class per sample), got {tuple(target.shape)}."
+        )
+    if (target < 0).any():
+        raise ValueError(f"target must hold non-negative class indices, got {target.tolist()}.")
+    return target.to(device=inputs.device, dtype=torch.long)
+
+
+def format_seeds(seeds: Tensor | Sequence[int] | None, batch: int) -> Tensor | None:
+    """`seeds` as a `(B,)` long CPU tensor (or `None`), after checking its type and length."""
+    if seeds is None:
+        return None
+    seeds = torch.as_tensor(seeds)
+    if seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool:
+        raise ValueError(f"seeds must be an integer tensor, got dtype {seeds.dtype}.")
+    if seeds.shape != (batch,):
+        raise ValueError(f"seeds must have shape ({batch},) (one seed per sample), got {tuple(seeds.shape)}.")
+    return seeds.to(device="cpu", dtype=torch.long)
+
+
+def sample_generators(seeds: Tensor) -> list[torch.Generator]:
+    """One CPU generator per sample: noise drawn on the CPU is the same on every device."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+class NoiseRows:
+    """Gaussian noise for the rows `(sample 0, copy 0..S-1), (sample 1, copy 0..S-1), ...`, handed out in chunks.
+
+    Each sample's `S` copies are drawn in one call from that sample's own generator, whatever the chunk
+    boundaries, so the noise does not depend on the chunk size or on the other samples.
+
+    Args:
+        generators: the per-sample generators (see `sample_generators`).
+        sample_ids: which generators to draw from, in row order.
+        copies: `S`, the noise copies per sample.
+        std: the noise standard deviation.
+        like: a `(C, H, W)`-shaped tensor whose shape, dtype and device the noise takes.
+    """
+
+    def __init__(
+        self, generators: Sequence[torch.Generator], sample_ids: Sequence[int], copies: int, std: float, like: Tensor
+    ) -> None:
+        shape = (copies, *like.shape)
+        self._blocks = (torch.randn(shape, generator=generators[i], dtype=like.dtype).mul_(std) for i in sample_ids)
+        self._device = like.device
+        self._pending: list[Tensor] = []
+        self._pending_rows = 0
+
+    def take(self, rows: int) -> Tensor:
+        """The next `rows` noise rows, on the device."""
+        while self._pending_rows < rows:
+            block = next(self._blocks)
+            self._pending.append(block)
+            self._pending_rows += block.shape[0]
+        stacked = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+        taken, rest = stacked[:rows], stacked[rows:]
+        self._pending = [rest] if rest.shape[0] else []
+        self._pending_rows = rest.shape[0]
+        return taken.to(self._device, non_blocking=True)
+
+
+def chunk_ranges(total: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
+    """`(start, stop)` pairs covering `range(total)` in chunks of at most `chunk_size` (`None`: one chunk)."""
+    step = total if chunk_size is None else chunk_size
+    for start in range(0, total, max(step, 1)):
+        yield start, min(start + step, total)
+
+
+def graph_inputs(inputs: Tensor) -> Tensor:
+    """The tensor to build a differentiable map on: `inputs` itself when it requires grad (so the map is
+    differentiable with respect to it), otherwise a detached copy that does (`inputs` is never modified)."""
+    return inputs if inputs.requires_grad else inputs.detach().requires_grad_(True)
+
+
+def sum_noisy_gradients(
+    objective: ClassScore,
+    points: Tensor,
+    sample_ids: Tensor,
+    *,
+    generators: Sequence[torch.Generator] | None,
+    copies: int,
+    std: float,
+    chunk_size: int | None,
+    create_graph: bool = False,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """`sum_j transform(grad f_c(points[p] + n_pj))` for every point `p`, over `copies` noise draws.
+
+    The `len(points) * copies` model inputs are evaluated in chunks of at most `chunk_size` rows. Without
+    `generators` no noise is added (`copies` must then be 1): plain, chunked gradients.
+
+    Args:
+        objective: the class score; row `r` uses the target of sample `sample_ids[p]`.
+        points: `(P, C, H, W)` points, one per sample taking part.
+        sample_ids: `(P,)` long tensor: the sample (index into the batch) of each point.
+        generators: the batch's per-sample generators, or `None` for no noise.
+        copies: noise draws per point.
+        std: noise standard deviation.
+        chunk_size: the most model inputs per forward/backward (`None`: all at once).
+        create_graph: keep the graph so the result is differentiable with respect to `points`.
+        transform: optional function applied to each chunk of per-row gradients before summing.
+    """
+    if generators is None and copies != 1:
+        raise ValueError("Noise-free gradients take exactly one copy per point.")
+    if generators is None and (chunk_size is None or points.shape[0] <= chunk_size):
+        # One chunk of the points themselves: skip the gather and scatter (the plain solver's every step).
+        gradients = objective.gradient(points, sample_ids, create_graph=create_graph)
+        return gradients if transform is None else transform(gradients)
+    noise = None
+    if generators is not None:
+        noise = NoiseRows(generators, sample_ids.tolist(), copies, std, points[0])
+    total = torch.zeros_like(points)
+    for start, stop in chunk_ranges(points.shape[0] * copies, chunk_size):
+        point_index = torch.arange(start, stop, device=points.device) // copies
+        rows = points[point_index]
+        if noise is not None:
+            rows = rows + noise.take(stop - start)
+        gradients = objective.gradient(rows, sample_ids[point_index], create_graph=create_graph)
+        if transform is not None:
+            gradients = transform(gradients)
+        total = total.index_add(0, point_index, gradients)
+    return total
+
+
+def check_positive_int(owner: str, name: str, value: object, minimum: int = 1) -> None:
+    """Raise a `ValueError` naming `owner` unless `value` is an int of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_number(owner: str, name: str, value: object, *, positive: bool = True) -> None:
+    """Raise a `ValueError` naming `owner` unless `value` is a finite number, `> 0` (`positive`) or `>= 0`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}.")
+    if positive and value <= 0:
+        raise ValueError(f"{owner}: {name} must be > 0, got {value!r}.")
+    if not positive and value < 0:
+        raise ValueError(f"{owner}: {name} must be >= 0, got {value!r}.")
+
+
+def check_internal_batch_size(owner: str, value: object) -> None:
+    """Raise a `ValueError` naming `owner` unless `value` is `None` or a positive int."""
+    if value is not None:
+        check_positive_int(owner, "internal_batch_size", value)
