@@ -1,0 +1,168 @@
+"""The L2-bounded top-k interpretation attack (SPEC section 5; Ghorbani et al. 2019, Levine et al. 2019)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mglightning.attacks._common import check_epsilon, check_images, predict, project_to_ball, resolve_seeds
+from mglightning.explainers import build_explainer
+from mglightning.metrics import topk_count, topk_mask
+
+SURROGATE_CHOICES = ("self", "simple_gradient")
+
+
+def _resolve_surrogate(explainer, surrogate: str):
+    """The explainer whose ``create_graph=True`` map the attack differentiates, and its name for the results."""
+    if surrogate == "self" and explainer.supports_create_graph:
+        return explainer, "self"
+    # Either asked for, or the method cannot build a differentiable map and declares what stands in for it.
+    name = "simple_gradient" if surrogate == "simple_gradient" else explainer.surrogate
+    return build_explainer(name, explainer.model, score=explainer.score), name
+
+
+class TopKInterpretationAttack:
+    """Move an interpretation's top-k mass elsewhere with an L2-bounded perturbation that keeps the prediction.
+
+    With the magnitude map ``s(x') = |A(x')|`` and the top-k set ``K`` of the clean map (``k = max(1,
+    floor(topk_fraction * nnz))``, no zeros, ties to the lower flat index, as in
+    :class:`~mglightning.metrics.TopKIntersection`), the attack minimises per sample
+    ``D(x') = sum_K s(x') / sum s(x')`` (an all-zero map counts as ``D = 0``) by ``num_steps`` signed
+    gradient steps, ``x' <- x' - step_size * sign(grad D)``, each followed by projection onto the L2 ball of
+    radius ``epsilon`` around the clean input and clamping to [0, 1].
+
+    Every iterate is scored before its step, and the last iterate after the final step is scored too. An
+    iterate is eligible only if the model still predicts the clean prediction; each sample returns its
+    eligible iterate with the lowest ``D`` (strictly below the clean ``D``, else the clean input itself, which is
+    then reported as not moved).
+
+    ``A`` is the map ``explainer.attribute(x', target, seeds=seeds, create_graph=True)``; for the MoreauGrad
+    family that is its differentiable surrogate map (SPEC 3). ``K`` and every ``D`` come from the same map that
+    is differentiated. A method without ``create_graph`` support (``supports_create_graph = False``) is attacked
+    through its declared ``explainer.surrogate``; ``surrogate="simple_gradient"`` attacks every method through
+    the simple gradient of the same model and score. :attr:`surrogate_name` says which was used (``"self"`` or
+    a registry name). The same per-sample seeds are passed to the explainer at every step, so a noisy method's
+    objective is the same function throughout the attack and each sample's result does not depend on its
+    batch. The model's train/eval mode, the inputs and the parameters' ``.grad`` are left as they were.
+
+    The sign step needs ``D`` to have a gradient: a map that is piecewise constant in the input (the simple
+    gradient of a ReLU network) gives a zero step and leaves samples unmoved; attack softplus networks.
+
+    Args:
+        explainer: an mglightning explainer (``model``, ``score``, ``attribute``, ``supports_create_graph``,
+            ``surrogate``), e.g. from :func:`mglightning.explainers.build_explainer`.
+        epsilon: L2 radius of the perturbation in [0, 1] pixel units, > 0.
+        num_steps: number of signed gradient steps, >= 1. Default 10.
+        step_size: size of each signed step (per pixel), > 0. Default ``epsilon / 100`` (official code).
+        topk_fraction: share of the clean map's non-zero entries in ``K``, in (0, 1]. Default 0.4.
+        surrogate: ``"self"`` (the explainer's own differentiable map, or its declared surrogate) or
+            ``"simple_gradient"``. Default ``"self"``.
+
+    Example:
+        >>> from mglightning.explainers import SimpleGradient
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.Softplus(),
+        ...                             torch.nn.Linear(16, 3))
+        >>> attack = TopKInterpretationAttack(SimpleGradient(model), epsilon=0.5, num_steps=5)
+        >>> inputs = torch.rand(4, 3, 4, 4)
+        >>> adversarial, moved = attack.perturb(inputs, target=model(inputs).argmax(dim=1))
+        >>> adversarial.shape, moved.shape, attack.surrogate_name
+        (torch.Size([4, 3, 4, 4]), torch.Size([4]), 'self')
+    """
+
+    def __init__(
+        self,
+        explainer,
+        epsilon: float,
+        num_steps: int = 10,
+        step_size: float | None = None,
+        topk_fraction: float = 0.4,
+        surrogate: str = "self",
+    ) -> None:
+        required = ("model", "score", "attribute", "supports_create_graph", "surrogate")
+        missing = [name for name in required if not hasattr(explainer, name)]
+        if missing:
+            raise ValueError(
+                f"`explainer` must be an mglightning explainer (see mglightning.explainers.build_explainer); "
+                f"{type(explainer).__name__} lacks {', '.join(missing)}."
+            )
+        self.epsilon = check_epsilon(epsilon)
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"`num_steps` must be an int >= 1, got {num_steps!r}.")
+        if step_size is None:
+            step_size = self.epsilon / 100
+        elif (
+            isinstance(step_size, bool)
+            or not isinstance(step_size, (int, float))
+            or not math.isfinite(step_size)
+            or step_size <= 0
+        ):
+            raise ValueError(f"`step_size` must be None (epsilon / 100) or a finite number > 0, got {step_size!r}.")
+        if (
+            isinstance(topk_fraction, bool)
+            or not isinstance(topk_fraction, (int, float))
+            or not 0 < topk_fraction <= 1
+        ):
+            raise ValueError(f"`topk_fraction` must be a number in (0, 1], got {topk_fraction!r}.")
+        if surrogate not in SURROGATE_CHOICES:
+            raise ValueError(f"`surrogate` must be one of {', '.join(SURROGATE_CHOICES)}; got {surrogate!r}.")
+        self.explainer = explainer
+        self.model = explainer.model
+        self.num_steps = num_steps
+        self.step_size = float(step_size)
+        self.topk_fraction = float(topk_fraction)
+        self.differentiated_explainer, self.surrogate_name = _resolve_surrogate(explainer, surrogate)
+
+    def perturb(self, inputs: Tensor, target: int | Tensor, seeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Attack a batch of images.
+
+        Args:
+            inputs: clean images ``(B, C, H, W)`` in [0, 1] (left unchanged).
+            target: the class explained, an int or a ``(B,)`` long tensor (usually the clean prediction).
+            seeds: ``None`` or a ``(B,)`` integer tensor, passed to the explainer at every step; ``None`` draws
+                one seed per sample from torch's global RNG.
+
+        Returns:
+            ``(adversarial_inputs, moved_mask)``: the best eligible iterate per sample (detached, within the
+            L2 ball and [0, 1], same prediction as the clean input) and a ``(B,)`` bool tensor, True where that
+            iterate is not the clean input.
+        """
+        check_images(inputs)
+        seeds = resolve_seeds(seeds, inputs.shape[0])
+        with torch.enable_grad():
+            return self._perturb(inputs.detach().clone(), target, seeds)
+
+    def _objective(self, iterate: Tensor, target: int | Tensor, seeds: Tensor, topk: Tensor | None):
+        """``D(iterate)`` per sample with its graph, and the top-k mask (computed here on the first call)."""
+        attribution = self.differentiated_explainer.attribute(iterate, target, seeds=seeds, create_graph=True)
+        magnitudes = attribution.abs().flatten(1)
+        if topk is None:
+            clean_map = attribution.detach()
+            topk = topk_mask(clean_map, topk_count(clean_map, self.topk_fraction)).flatten(1)
+        total = magnitudes.sum(dim=1).clamp_min(torch.finfo(magnitudes.dtype).tiny)
+        return (magnitudes * topk).sum(dim=1) / total, topk
+
+    def _perturb(self, clean: Tensor, target: int | Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
+        clean_prediction = predict(self.model, clean)
+        best = clean.clone()
+        best_objective = torch.full((clean.shape[0],), math.inf, dtype=clean.dtype, device=clean.device)
+        moved = torch.zeros(clean.shape[0], dtype=torch.bool, device=clean.device)
+        iterate, topk = clean.clone(), None
+        for step in range(self.num_steps + 1):
+            iterate.requires_grad_(True)
+            objective, topk = self._objective(iterate, target, seeds, topk)
+            keeps_class = predict(self.model, iterate.detach()) == clean_prediction
+            improved = keeps_class & (objective.detach() < best_objective)
+            best[improved] = iterate.detach()[improved]
+            best_objective[improved] = objective.detach()[improved]
+            moved[improved] = step > 0  # step 0 is the clean input itself
+            if step == self.num_steps:
+                break
+            gradient = torch.zeros_like(iterate)
+            if objective.requires_grad:
+                (step_gradient,) = torch.autograd.grad(objective.sum(), iterate, allow_unused=True)
+                if step_gradient is not None:
+                    gradient = step_gradient
+            iterate = project_to_ball(iterate.detach() - self.step_size * gradient.sign(), clean, self.epsilon)
+        return best, moved
