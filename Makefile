@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/python train.py fit --config configs/digits.yaml
+	$(BIN)/python evaluate.py --config configs/eval_digits.yaml --ckpt_path checkpoints/digits/last.ckpt
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

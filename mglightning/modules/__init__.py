@@ -1,5 +1,6 @@
-"""LightningModules: training (`ClassifierModule`) and evaluation."""
+"""LightningModules: training (`ClassifierModule`) and evaluation (`ExplanationEvaluator`)."""
 
 from mglightning.modules.classifier import ClassifierModule, load_classifier
+from mglightning.modules.evaluator import ExplainerConfig, ExplanationEvaluator
 
-__all__ = ["ClassifierModule", "load_classifier"]
+__all__ = ["ClassifierModule", "ExplainerConfig", "ExplanationEvaluator", "load_classifier"]

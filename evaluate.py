@@ -1,0 +1,12 @@
+"""Evaluate explainers under interpretation attacks:
+`python evaluate.py --config configs/eval_digits.yaml --ckpt_path checkpoints/digits/last.ckpt`."""
+
+from mglightning.cli import evaluate_main
+
+
+def cli_main(args: list[str] | None = None):
+    return evaluate_main(args)
+
+
+if __name__ == "__main__":
+    cli_main()
