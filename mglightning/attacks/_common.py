@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mglightning.explainers.base import check_inputs
+
 
 def check_epsilon(epsilon: float) -> float:
     """Return ``epsilon`` as a float, or raise a ValueError unless it is a finite number > 0."""
@@ -20,17 +22,7 @@ def check_epsilon(epsilon: float) -> float:
 
 def check_images(inputs: Tensor) -> None:
     """Raise a ValueError unless ``inputs`` is a finite floating batch ``(B, C, H, W)`` of images in [0, 1]."""
-    if not isinstance(inputs, Tensor):
-        raise ValueError(f"`inputs` must be a torch.Tensor of images (B, C, H, W), got {type(inputs).__name__}.")
-    if inputs.ndim != 4:
-        raise ValueError(
-            f"`inputs` must be a batch of images shaped (B, C, H, W), got shape {tuple(inputs.shape)}; "
-            "use `inputs.unsqueeze(0)` for a single image."
-        )
-    if not inputs.is_floating_point():
-        raise ValueError(f"`inputs` must be a floating-point tensor, got dtype {inputs.dtype}.")
-    if not torch.isfinite(inputs).all():
-        raise ValueError("`inputs` contains NaN or infinite values.")
+    check_inputs(inputs)
     if inputs.numel() and (inputs.min() < 0 or inputs.max() > 1):
         raise ValueError(
             f"`inputs` must be images in [0, 1] (normalisation is the model's first layer, SPEC 1), got values in "
