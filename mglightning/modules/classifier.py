@@ -144,5 +144,8 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
             "pass a checkpoint written by `python train.py fit`, or build the model with "
             "`mglightning.models.create_model(name, weights=path)` for a plain state dict."
         )
-    module = ClassifierModule.load_from_checkpoint(path, map_location=map_location)
-    return module.net.eval()
+    # Rebuild from the dictionary already in memory rather than reading the file a second time.
+    settings = {name: value for name, value in hyperparameters.items() if not name.startswith("_")}
+    module = ClassifierModule(**settings)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.net.to(map_location).eval()
