@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import Logger
 
 from mglightning.modules.classifier import ClassifierModule
 
@@ -66,24 +67,170 @@ def train_main(args: list[str] | None = None) -> TrainCLI:
     )
 
 
+EVALUATE_DESCRIPTION = """Evaluate explainers of an image classifier under interpretation attacks.
+
+  python evaluate.py --config configs/eval_digits.yaml --ckpt_path checkpoints/digits/last.ckpt
+  python evaluate.py --config configs/eval_digits.yaml --ckpt_path ... --resume last   # continue a stopped run
+  python evaluate.py report logs/eval_digits/version_0                                # tables/figures from records
+
+Each run writes into a new version folder of its logger (or --resume's folder): run.json, per-sample records,
+results.json/.csv/.md, robustness.png, saliency_grid.png and TensorBoard events."""
+
+
+class EvaluationTrainer(pl.Trainer):
+    """The `Trainer` of an evaluation, with only the settings that apply to one.
+
+    Explanations need autograd (`inference_mode=False`), the evaluator's datamodule splits the samples over
+    devices itself (`use_distributed_sampler=False`), and the evaluator shows its own progress bar.
+
+    Args:
+        accelerator: `cpu`, `gpu`, `auto`, ...
+        devices: devices per node (e.g. 4, or `auto`).
+        num_nodes: number of nodes.
+        strategy: `auto`, `ddp`, `ddp_spawn`, ...
+        precision: Lightning precision of the classifier's forward passes (e.g. `32-true`).
+        logger: the TensorBoard logger (its version folder is the run folder), or false.
+        callbacks: extra callbacks.
+        default_root_dir: where runs go without a logger (`<default_root_dir>/evaluations/version_N`).
+        deterministic: use deterministic algorithms.
+    """
+
+    def __init__(
+        self,
+        accelerator: str = "auto",
+        devices: list[int] | str | int = "auto",
+        num_nodes: int = 1,
+        strategy: str = "auto",
+        precision: Optional[str] = None,
+        logger: Optional[Union[Logger, bool]] = None,
+        callbacks: Optional[Union[list[Callback], Callback]] = None,
+        default_root_dir: Optional[str] = None,
+        deterministic: Optional[bool] = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
+            logger=logger, callbacks=callbacks, default_root_dir=default_root_dir, deterministic=deterministic,
+            inference_mode=False, use_distributed_sampler=False, enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+
 class EvaluateCLI(LightningCLI):
     """`python evaluate.py --config configs/eval_<name>.yaml --ckpt_path <classifier checkpoint>`."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--ckpt_path", type=Optional[str], default=None,
-            help="The classifier checkpoint to evaluate (same as --model.checkpoint).",
+            help="The classifier checkpoint to evaluate (same as --model.classifier).",
         )
-        # Explanations need autograd, and the evaluator splits samples over devices itself.
-        parser.set_defaults({"trainer.inference_mode": False, "trainer.use_distributed_sampler": False})
+        parser.add_argument(
+            "--resume", type=Optional[str], default=None,
+            help="Continue the run in this folder (or `last`: the newest run of this logger), skipping the samples "
+            "it already recorded. Refused when the folder holds an evaluation with other settings.",
+        )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="With --resume: discard the folder's records and results and evaluate from scratch.",
+        )
+        parser.epilog = explainer_settings_help()
 
     def before_instantiate_classes(self) -> None:
-        if self.config.get("ckpt_path"):
-            self.config.model.checkpoint = self.config.ckpt_path
+        config = self.config
+        if config.get("ckpt_path"):
+            config.model.classifier = config.ckpt_path
+        root, uses_logger = _runs_root(config)
+        if config.get("resume"):
+            run_dir = _resume_folder(config.resume, root)
+            if config.get("overwrite"):
+                _clear_run_folder(run_dir)
+        elif uses_logger:
+            return  # the logger makes a new version folder for a new run
+        else:
+            run_dir = root / f"version_{_next_version(root)}"
+        config.model.run_dir = str(run_dir)
+        if uses_logger:
+            # The logger writes into the same folder: version `<name>` under save_dir `<parent>`, no experiment name.
+            config.trainer.logger.init_args.save_dir = str(run_dir.parent)
+            config.trainer.logger.init_args.name = ""
+            config.trainer.logger.init_args.version = run_dir.name
 
 
-def evaluate_main(args: list[str] | None = None) -> EvaluateCLI:
-    """Evaluate explainers under attack; returns the CLI (its `model.results` holds the per-method numbers)."""
+def explainer_settings_help() -> str:
+    """The registered explainers and their settings with types and defaults, for `evaluate.py --help`."""
+    import inspect
+
+    from mglightning.explainers import EXPLAINERS
+
+    lines = [
+        "explainers (model.explainers: {label: {class_path: <class>, init_args: {setting: value}}}):"
+    ]
+    for cls in EXPLAINERS.values():
+        lines.append(f"  {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}  ({cls.name}: {cls.display_name})")
+        for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            if name in ("self", "model"):
+                continue
+            annotation = parameter.annotation if isinstance(parameter.annotation, str) else getattr(
+                parameter.annotation, "__name__", str(parameter.annotation)
+            )
+            lines.append(f"      {name}: {annotation} = {parameter.default!r}")
+    return "\n".join(lines)
+
+
+def _runs_root(config) -> tuple[Path, bool]:
+    """The folder that holds this configuration's run folders, and whether a TensorBoard logger writes there."""
+    logger = config.trainer.get("logger")
+    init_args = getattr(logger, "init_args", None) if logger not in (None, False, True) else None
+    if init_args is not None and init_args.get("save_dir") is not None:
+        return Path(init_args.save_dir) / (init_args.get("name") or ""), True
+    return Path(config.trainer.get("default_root_dir") or ".") / "evaluations", False
+
+
+def _next_version(root: Path) -> int:
+    versions = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
+    return max(versions, default=-1) + 1
+
+
+def _resume_folder(resume: str, root: Path) -> Path:
+    if resume == "last":
+        runs = sorted(
+            (p for p in root.glob("version_*") if (p / "run.json").is_file()), key=lambda p: p.stat().st_mtime
+        )
+        if not runs:
+            raise ValueError(f"--resume last: no evaluation run under {root} yet.")
+        return runs[-1]
+    run_dir = Path(resume)
+    if not (run_dir / "run.json").is_file():
+        raise ValueError(
+            f"--resume {resume}: not an evaluation run folder (no run.json); pass the folder a previous run printed."
+        )
+    return run_dir
+
+
+def _clear_run_folder(run_dir: Path) -> None:
+    """What --overwrite discards: the records, grid samples, results, figures and run description."""
+    import shutil
+
+    for name in ("records", "grid"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for pattern in ("results.*", "*.png", "run.json", "events.out.tfevents.*"):
+        for path in run_dir.glob(pattern):
+            path.unlink()
+
+
+def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path]:
+    """Evaluate explainers under attack; returns the CLI (its `model.result_rows` hold the results on rank 0).
+
+    `evaluate_main(["report", run_dir])` recomputes the tables and figures of a run folder from its records.
+    """
+    import sys
+
+    arguments = sys.argv[1:] if args is None else list(args)
+    if arguments[:1] == ["report"]:
+        from mglightning.reporting import report
+
+        if len(arguments) != 2:
+            raise SystemExit("usage: python evaluate.py report <run_dir>")
+        return report(arguments[1])
     # Imported here so that training does not load the explainer stack.
     from mglightning.modules.evaluator import ExplanationEvaluator
 
@@ -91,14 +238,18 @@ def evaluate_main(args: list[str] | None = None) -> EvaluateCLI:
         ExplanationEvaluator,
         pl.LightningDataModule,
         subclass_mode_data=True,
+        trainer_class=EvaluationTrainer,
         run=False,
-        args=args,
+        args=arguments,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": EVALUATE_DESCRIPTION},
     )
     evaluator, datamodule = cli.model, cli.datamodule
     check_compatible(evaluator.classifier, datamodule)
-    evaluator.attach_datamodule(datamodule)
-    cli.trainer.test(evaluator)
+    cli.trainer.test(evaluator, datamodule=datamodule, verbose=False)
+    if cli.trainer.is_global_zero:
+        print(f"  run folder: {evaluator.run_dir}  (re-report: python evaluate.py report {evaluator.run_dir})")
     return cli
 
 

@@ -1,8 +1,16 @@
-"""The evaluation run as users drive it: `evaluate.py --config ... --ckpt_path ...`, on 1 or 2 processes."""
+"""The evaluation run as users drive it: `evaluate.py --config ... --ckpt_path ...`, on 1 or 2 processes,
+stopped and resumed, re-reported offline."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -12,25 +20,39 @@ import evaluate
 from mglightning.data import DigitsDataModule
 from mglightning.data.evaluation import ExactlyOnceSampler, IndexedDataset, sample_seeds
 from mglightning.modules import ClassifierModule
+from mglightning.reporting import bootstrap_interval, read_records
+from mglightning.reporting import results as results_module
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 METHODS = [
     "simple_gradient", "integrated_gradients", "smoothgrad", "sparsified_smoothgrad", "deeplift", "relex",
     "moreaugrad", "sparse_moreaugrad", "group_sparse_moreaugrad",
 ]
+E = "mglightning.explainers."
 # All nine methods, with settings cut down to a few model evaluations each.
 CHEAP_EXPLAINERS = json.dumps(
-    [
-        {"name": "simple_gradient"},
-        {"name": "integrated_gradients", "settings": {"n_steps": 4}},
-        {"name": "smoothgrad", "settings": {"nt_samples": 3}},
-        {"name": "sparsified_smoothgrad", "settings": {"nt_samples": 3}},
-        {"name": "deeplift"},
-        {"name": "relex", "settings": {"num_steps": 2, "noise_samples": 2}},
-        {"name": "moreaugrad", "settings": {"num_steps": 4, "noise_std": 0.1, "noise_samples": 2}},
-        {"name": "sparse_moreaugrad", "settings": {"num_steps": 4, "noise_std": 0.0}},
-        {"name": "group_sparse_moreaugrad", "settings": {"num_steps": 4, "noise_std": 0.0, "group_size": 4}},
-    ]
+    {
+        "simple_gradient": {"class_path": E + "SimpleGradient"},
+        "integrated_gradients": {"class_path": E + "IntegratedGradients", "init_args": {"n_steps": 4}},
+        "smoothgrad": {"class_path": E + "SmoothGrad", "init_args": {"nt_samples": 3}},
+        "sparsified_smoothgrad": {"class_path": E + "SparsifiedSmoothGrad", "init_args": {"nt_samples": 3}},
+        "deeplift": {"class_path": E + "DeepLift"},
+        "relex": {"class_path": E + "RelEx", "init_args": {"num_steps": 2, "noise_samples": 2}},
+        "moreaugrad": {"class_path": E + "MoreauGrad", "init_args": {"num_steps": 4, "noise_samples": 2}},
+        "sparse_moreaugrad": {"class_path": E + "SparseMoreauGrad", "init_args": {"num_steps": 4, "noise_std": 0.0}},
+        "group_sparse_moreaugrad": {
+            "class_path": E + "GroupSparseMoreauGrad", "init_args": {"num_steps": 4, "noise_std": 0.0, "group_size": 4},
+        },
+    }
+)
+# Three methods covering plain, noisy and iterative: enough to compare runs, cheap enough to run several times.
+FEW_EXPLAINERS = json.dumps(
+    {
+        "simple_gradient": {"class_path": E + "SimpleGradient"},
+        "smoothgrad": {"class_path": E + "SmoothGrad", "init_args": {"nt_samples": 3}},
+        "moreaugrad": {"class_path": E + "MoreauGrad", "init_args": {"num_steps": 6, "noise_samples": 2}},
+    }
 )
 
 
@@ -53,114 +75,288 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def eval_args(checkpoint: Path, out: Path, *extra: str) -> list[str]:
+def eval_args(checkpoint: Path, out: Path, *extra: str, explainers: str = CHEAP_EXPLAINERS) -> list[str]:
     return [
         "--config", str(CONFIGS / "eval_digits.yaml"),
         "--ckpt_path", str(checkpoint),
         "--data.init_args.image_size", "16",
-        "--model.explainers", CHEAP_EXPLAINERS,
+        "--data.init_args.batch_size", "4",
+        "--model.explainers", explainers,
         "--model.max_samples", "7",
         "--model.attack_steps", "2",
         "--model.epsilon", "0.5",
+        "--model.bootstrap_samples", "200",
         "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
         "--trainer.logger.init_args.save_dir", str(out),
         *extra,
     ]
 
 
-def run_results(checkpoint: Path, out: Path, *extra: str) -> dict:
-    evaluate.cli_main(eval_args(checkpoint, out, *extra))
-    (results_file,) = out.rglob("results.json")
-    return json.loads(results_file.read_text())
+def results_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())["results"]
 
 
-def per_method(results: dict) -> dict:
-    return results["results"] if "results" in results else results["methods"]
+def only_run(out: Path) -> Path:
+    (run_json,) = out.rglob("run.json")
+    return run_json.parent
 
 
-def test_results_do_not_depend_on_devices_or_batch_size(checkpoint, tmp_path):
-    """7 samples on 1 process and on 2 `gloo` processes, with batch sizes 1 and 4: the same numbers."""
-    runs = {
-        (devices, batch_size): per_method(
-            run_results(
-                checkpoint, tmp_path / f"{devices}x{batch_size}", "--model.batch_size", str(batch_size),
-                "--trainer.devices", str(devices), "--trainer.strategy", "ddp_spawn" if devices > 1 else "auto",
-            )
-        )
-        for devices in (1, 2)
-        for batch_size in (1, 4)
-    }
-    reference = runs[(1, 1)]
-    assert list(reference) == METHODS
-    for run in runs.values():
-        assert list(run) == METHODS
-        for method in METHODS:
-            assert run[method]["samples"] == 7
-            for key in ("distance", "topk", "ssim", "gini", "zero_fraction", "attack_success"):
-                assert run[method][key] == pytest.approx(reference[method][key], abs=1e-5), (method, key)
+ROBUSTNESS_KEYS = ("distance", "topk", "ssim", "gini", "zero_fraction", "attack_success", "distance_ci", "topk_ci")
 
 
-def test_outputs_files_and_tensorboard(checkpoint, tmp_path, capsys):
-    cli = evaluate.cli_main(eval_args(checkpoint, tmp_path, "--model.batch_size", "4"))
-    log_dir = Path(cli.trainer.log_dir)
-    for name in ("results.json", "results.csv", "results.md", "robustness.png", "saliency_grid.png"):
-        assert (log_dir / name).is_file(), name
-    table = (log_dir / "results.md").read_text()
-    assert all(method in table for method in METHODS)
+def assert_same_results(first: dict, second: dict) -> None:
+    assert list(first) == list(second)
+    for method in first:
+        assert first[method]["samples"] == second[method]["samples"]
+        for key in ROBUSTNESS_KEYS:
+            assert np.allclose(first[method][key], second[method][key], atol=1e-5), (method, key)
+
+
+def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
+    cli = evaluate.cli_main(eval_args(checkpoint, tmp_path))
+    run_dir = Path(cli.model.run_dir)
+    for name in ("run.json", "results.json", "results.csv", "results.md", "robustness.png", "saliency_grid.png"):
+        assert (run_dir / name).is_file(), name
+    results = results_of(run_dir)
+    assert list(results) == METHODS
+    for row in results.values():
+        assert row["samples"] == 7
+        low, high = row["topk_ci"]
+        assert low <= row["topk"] <= high
+        assert row["evals_clean"] >= 1
+
+    records = read_records(run_dir)
+    assert len(records) == 7 * len(METHODS)
+    assert sorted(records["index"].unique()) == list(range(7))
+    # The table is computed from the records.
+    moreau = records[records["method"] == "moreaugrad"]
+    assert results["moreaugrad"]["topk"] == pytest.approx(moreau["topk"].mean())
+
+    markdown = (run_dir / "results.md").read_text()
+    assert "**Classifier**" in markdown and "Namespace(" not in markdown and "MoreauGrad (" in markdown
     printed = capsys.readouterr().out
-    assert "moreaugrad" in printed and "results.md" in printed
+    assert printed.count("| method |") == 1, "one results table, ours (not Lightning's)"
+    assert "Test metric" not in printed and "results.md" in printed and "Paired comparisons" in printed
 
-    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for method in METHODS:
         for key in ("distance", "topk", "ssim", "gini", "zero_fraction", "attack_success", "seconds_per_image"):
-            assert f"test/{method}/{key}" in scalars
+            tag = f"test/{method}/{key}"
+            assert tag in scalars
+            assert len(events.Scalars(tag)) == 1, f"{tag} logged more than once"
+    assert events.Scalars("test/moreaugrad/topk")[0].value == pytest.approx(results["moreaugrad"]["topk"], abs=1e-6)
     images = events.Tags()["images"]
     assert any("robustness" in tag for tag in images) and any("saliency" in tag for tag in images)
-    distance = events.Scalars("test/moreaugrad/distance")[0].value
-    assert distance == pytest.approx(cli.model.results["moreaugrad"]["distance"], abs=1e-6)
 
 
-def test_several_budgets_give_one_row_each(checkpoint, tmp_path):
-    cli = evaluate.cli_main(
+def test_report_recomputes_the_results_from_records(checkpoint, tmp_path):
+    cli = evaluate.cli_main(eval_args(checkpoint, tmp_path, explainers=FEW_EXPLAINERS))
+    run_dir = Path(cli.model.run_dir)
+    before = results_of(run_dir)
+    for name in ("results.json", "results.md", "robustness.png"):
+        (run_dir / name).unlink()
+    evaluate.cli_main(["report", str(run_dir)])
+    assert results_of(run_dir) == before
+    assert (run_dir / "robustness.png").is_file()
+
+
+def test_two_runs_never_overwrite_each_other(checkpoint, tmp_path):
+    for logger in ("true", "false"):
+        out = tmp_path / logger
+        extra = ("--trainer.default_root_dir", str(out)) + (("--trainer.logger", "false") if logger == "false" else ())
+        for _ in range(2):
+            evaluate.cli_main(
+                eval_args(checkpoint, out, *extra, "--model.max_samples", "2", explainers=FEW_EXPLAINERS)
+            )
+        runs = sorted(path.parent for path in out.rglob("results.json"))
+        assert len(runs) == 2 and runs[0] != runs[1]
+
+
+def test_several_budgets_give_one_row_each_and_a_budget_figure(checkpoint, tmp_path):
+    explainers = json.dumps({"simple_gradient": {"class_path": E + "SimpleGradient"}})
+    cli = evaluate.cli_main(eval_args(checkpoint, tmp_path, "--model.epsilon", "[0.1, 2.0]", explainers=explainers))
+    results = results_of(Path(cli.model.run_dir))
+    assert list(results) == ["simple_gradient@eps=0.1", "simple_gradient@eps=2"]
+    # A larger budget moves the map at least as far.
+    assert results["simple_gradient@eps=2"]["distance"] >= results["simple_gradient@eps=0.1"]["distance"]
+    assert (Path(cli.model.run_dir) / "robustness.png").is_file()
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "evaluate.py"), *args], cwd=cwd, env=environment, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _kill_after_first_batch(process: subprocess.Popen, out: Path, timeout: float = 240) -> None:
+    started = time.monotonic()
+    while not list(out.rglob("records/*.parquet")):
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended before its first batch was recorded: {process.stderr.read()}")
+        if time.monotonic() - started > timeout:
+            raise AssertionError("no batch recorded in time")
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole group: DDP workers too
+    process.wait()
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_a_killed_run_resumes_to_the_uninterrupted_results(checkpoint, tmp_path, devices):
+    """Kill after the first recorded batch (1 process, or 2 gloo processes), resume with `--resume`: the final
+    results equal an uninterrupted single-process run's, and so does the set of records."""
+    common = ["--data.init_args.batch_size", "2", "--model.max_samples", "8"]
+    reference_out = tmp_path / "reference"
+    evaluate.cli_main(eval_args(checkpoint, reference_out, *common, explainers=FEW_EXPLAINERS))
+    reference_dir = only_run(reference_out)
+
+    out = tmp_path / "killed"
+    distributed = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"] if devices == 2 else []
+    process = _start(eval_args(checkpoint, out, *common, *distributed, explainers=FEW_EXPLAINERS), tmp_path)
+    _kill_after_first_batch(process, out)
+    run_dir = only_run(out)
+    assert not (run_dir / "results.json").exists(), "killed too late: the run had already finished"
+    recorded_before = len(read_records(run_dir))
+    assert 0 < recorded_before < 8 * 3
+
+    evaluate.cli_main(eval_args(checkpoint, out, *common, "--resume", str(run_dir), explainers=FEW_EXPLAINERS))
+    assert_same_results(results_of(run_dir), results_of(reference_dir))
+    columns = ["method", "index", "distance", "topk", "ssim", "gini", "moved"]
+    resumed = read_records(run_dir)[columns].reset_index(drop=True)
+    reference = read_records(reference_dir)[columns].reset_index(drop=True)
+    pd.testing.assert_frame_equal(resumed, reference, atol=1e-5)
+
+
+def test_resume_refuses_a_changed_config(checkpoint, tmp_path):
+    cli = evaluate.cli_main(eval_args(checkpoint, tmp_path, "--model.max_samples", "2", explainers=FEW_EXPLAINERS))
+    run_dir = Path(cli.model.run_dir)
+    with pytest.raises(ValueError, match="other settings.*epsilons"):
+        evaluate.cli_main(
+            eval_args(
+                checkpoint, tmp_path, "--model.max_samples", "2", "--model.epsilon", "0.7", "--resume", str(run_dir),
+                explainers=FEW_EXPLAINERS,
+            )
+        )
+    # --overwrite starts that folder afresh instead.
+    evaluate.cli_main(
         eval_args(
-            checkpoint, tmp_path, "--model.explainers", '[{"name": "simple_gradient"}]',
-            "--model.epsilon", "[0.1, 2.0]", "--model.batch_size", "4",
+            checkpoint, tmp_path, "--model.max_samples", "2", "--model.epsilon", "0.7", "--resume", str(run_dir),
+            "--overwrite", "true", explainers=FEW_EXPLAINERS,
         )
     )
-    rows = cli.model.results
-    assert list(rows) == ["simple_gradient@eps=0.1", "simple_gradient@eps=2"]
-    # A larger budget moves the map at least as far.
-    assert rows["simple_gradient@eps=2"]["distance"] >= rows["simple_gradient@eps=0.1"]["distance"]
+    assert json.loads((run_dir / "run.json").read_text())["epsilons"] == [0.7]
+
+
+def test_results_do_not_depend_on_batch_size(checkpoint, tmp_path):
+    runs = []
+    for batch_size in ("1", "4"):
+        out = tmp_path / batch_size
+        evaluate.cli_main(
+            eval_args(checkpoint, out, "--data.init_args.batch_size", batch_size, explainers=FEW_EXPLAINERS)
+        )
+        runs.append(results_of(only_run(out)))
+    assert_same_results(*runs)
+
+
+def test_a_failing_write_leaves_no_truncated_results_file(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    path.write_text('{"complete": true}\n')
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, text):
+            self.handle.write(text[: len(text) // 2])
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            self.handle.close()
+
+    monkeypatch.setattr(results_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    with pytest.raises(OSError, match="No space"):
+        results_module.atomic_write_text(path, json.dumps({"complete": False, "rows": list(range(1000))}))
+    assert json.loads(path.read_text()) == {"complete": True}, "the previous file is intact"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"], "no temporary file left behind"
+
+
+def test_a_model_with_nan_outputs_is_refused(checkpoint, tmp_path):
+    broken = tmp_path / "nan.ckpt"
+    state = torch.load(checkpoint, weights_only=False)
+    state["state_dict"] = {key: value * float("nan") if value.is_floating_point() else value
+                           for key, value in state["state_dict"].items()}
+    torch.save(state, broken)
+    with pytest.raises(ValueError, match="NaN or infinite scores"):
+        evaluate.cli_main(eval_args(broken, tmp_path, explainers=FEW_EXPLAINERS))
+    assert not list(tmp_path.rglob("results.json"))
+
+
+def test_group_size_that_does_not_divide_the_images_fails_before_the_first_batch(checkpoint, tmp_path):
+    explainers = json.dumps({"group": {"class_path": E + "GroupSparseMoreauGrad", "init_args": {"group_size": 5}}})
+    with pytest.raises(ValueError, match="group.*5"):
+        evaluate.cli_main(eval_args(checkpoint, tmp_path, explainers=explainers))
+    assert not list(tmp_path.rglob("*.parquet"))
 
 
 def test_max_samples_beyond_the_test_set_is_capped_with_a_warning(checkpoint, tmp_path):
     size = len(DigitsDataModule(image_size=16).test_indices)
+    explainers = json.dumps({"simple_gradient": {"class_path": E + "SimpleGradient"}})
     with pytest.warns(UserWarning, match="larger than the test set"):
         cli = evaluate.cli_main(
-            eval_args(
-                checkpoint, tmp_path, "--model.explainers", '[{"name": "simple_gradient"}]',
-                "--model.max_samples", "100000", "--model.batch_size", "128", "--model.attack_steps", "1",
-            )
+            eval_args(checkpoint, tmp_path, "--model.max_samples", "100000", "--data.init_args.batch_size", "128",
+                      "--model.attack_steps", "1", explainers=explainers)
         )
-    assert cli.model.results["simple_gradient"]["samples"] == size
+    assert results_of(Path(cli.model.run_dir))["simple_gradient"]["samples"] == size
 
 
 @pytest.mark.parametrize(
-    "extra, error, message",
+    "extra, message",
     [
-        (("--model.explainers", '[{"name": "gradcam"}]'), ValueError, "gradcam"),
-        (("--model.explainers", '[{"name": "moreaugrad", "settings": {"rhoo": 1}}]'), ValueError, "rhoo"),
-        (("--model.epsilon", "0"), ValueError, "epsilon"),
-        (("--model.epsilon", "-1"), ValueError, "epsilon"),
+        (("--model.explainers", json.dumps({"x": {"class_path": E + "GradCam"}})), "GradCam"),
+        (("--model.explainers", json.dumps({"x": {"class_path": E + "MoreauGrad", "init_args": {"rhoo": 1}}})), "rhoo"),
+        (("--model.epsilon", "0"), "epsilon"),
+        (("--model.epsilon", "-1"), "epsilon"),
     ],
 )
-def test_bad_settings_fail_before_the_run(checkpoint, tmp_path, extra, error, message):
-    with pytest.raises(error, match=message):
+def test_bad_settings_fail_before_the_run(checkpoint, tmp_path, extra, message):
+    with pytest.raises((ValueError, SystemExit)) as error:
         evaluate.cli_main(eval_args(checkpoint, tmp_path, *extra))
-    assert not list(tmp_path.rglob("results.json"))
+    assert not list(tmp_path.rglob("*.parquet"))
+    if error.type is ValueError:
+        assert message in str(error.value)
+
+
+def test_a_misspelt_setting_in_yaml_fails_before_the_run(checkpoint, tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text(
+        "model:\n  explainers:\n    mg:\n      class_path: mglightning.explainers.MoreauGrad\n"
+        "      init_args: {rho: 0.1, num_stepz: 3}\n"
+    )
+    with pytest.raises(SystemExit):
+        evaluate.cli_main(eval_args(checkpoint, tmp_path) + ["--config", str(config)])
+    assert "num_stepz" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_help_lists_every_explainer_setting_with_its_type_and_no_training_options(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.cli_main(["--help"])
+    text = capsys.readouterr().out
+    assert "Evaluate explainers" in text
+    for needle in ("MoreauGrad", "rho: float = 1.0", "group_size: int = 14", "nt_samples: int", "--resume"):
+        assert needle in text, needle
+    for training_option in ("--optimizer", "--lr_scheduler", "--trainer.max_epochs", "Customize every aspect of training"):
+        assert training_option not in text, training_option
 
 
 def test_missing_or_incompatible_checkpoint_fails_before_the_run(checkpoint, tmp_path):
@@ -168,7 +364,7 @@ def test_missing_or_incompatible_checkpoint_fails_before_the_run(checkpoint, tmp
         evaluate.cli_main(eval_args(tmp_path / "missing.ckpt", tmp_path))
     with pytest.raises(ValueError, match="cannot take 32x32|classes"):
         evaluate.cli_main(
-            eval_args(checkpoint, tmp_path)[:4] + eval_args(checkpoint, tmp_path)[6:]
+            eval_args(checkpoint, tmp_path)[:4] + eval_args(checkpoint, tmp_path)[8:]
             + ["--data", "mglightning.data.SyntheticDataModule", "--data.num_classes", "5"]
         )
 
@@ -176,8 +372,9 @@ def test_missing_or_incompatible_checkpoint_fails_before_the_run(checkpoint, tmp
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_sampler_visits_every_sample_exactly_once(world_size):
     dataset = IndexedDataset([(torch.zeros(1), 0)] * 20)
-    seen = [i for rank in range(world_size) for i in ExactlyOnceSampler(dataset, 7, world_size, rank)]
-    assert sorted(seen) == list(range(7))
+    wanted = [0, 1, 2, 5, 6, 9, 11]
+    seen = [i for rank in range(world_size) for i in ExactlyOnceSampler(dataset, wanted, world_size, rank)]
+    assert sorted(seen) == wanted
 
 
 def test_sample_seeds_depend_on_index_and_global_seed_only():
@@ -188,9 +385,39 @@ def test_sample_seeds_depend_on_index_and_global_seed_only():
     assert not torch.equal(sample_seeds(1, indices), seeds)
 
 
+def test_bootstrap_interval_matches_a_brute_force_resampling_loop():
+    values = np.random.default_rng(3).normal(size=23)
+    low, high = bootstrap_interval(values, resamples=500, seed=7)
+    rng = np.random.default_rng(7)
+    draws = rng.integers(0, len(values), size=(500, len(values)))
+    means = [float(np.mean([values[j] for j in draws[i]])) for i in range(500)]
+    assert low == pytest.approx(np.percentile(means, 2.5))
+    assert high == pytest.approx(np.percentile(means, 97.5))
+    assert low < values.mean() < high
+
+
+def test_paired_comparison_says_which_side_is_robust():
+    rows_spec = [
+        {"method": m, "label": m, "explainer": m, "display_name": m, "family": f, "epsilon": 1.0, "surrogate": "self"}
+        for m, f in (("simple_gradient", "gradient"), ("moreaugrad", "moreaugrad"))
+    ]
+    records = pd.DataFrame(
+        [
+            {"method": method, "index": i, "distance": d, "topk": t, "ssim": 0.5, "gini": 0.0, "zero_fraction": 0.0,
+             "moved": True, "seconds_clean": 0.0, "seconds_attack": 0.0, "evals_clean": 1.0, "evals_attack": 1.0,
+             "evals_attacked": 1.0}
+            for i in range(20)
+            for method, d, t in (("simple_gradient", 0.5 + 0.01 * i, 0.6), ("moreaugrad", 0.2 + 0.01 * i, 0.6 - 0.1))
+        ]
+    )
+    rows = results_module.summarise_records(records, {"rows": rows_spec}, resamples=200)
+    verdicts = {c.metric: c.verdict for c in results_module.compare_paired(records, rows, resamples=200)}
+    assert verdicts == {"distance": "more robust", "topk": "less robust", "ssim": "no clear difference"}
+
+
 @pytest.mark.parametrize("config", ["eval_digits.yaml", "eval_cifar10.yaml", "eval_tinyimagenet.yaml", "eval_imagenet.yaml"])
 def test_evaluation_configs_are_valid(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.cli_main(["--config", str(CONFIGS / config), "--print_config"])
     assert exit_info.value.code == 0
-    assert "group_sparse_moreaugrad" in capsys.readouterr().out
+    assert "mglightning.explainers.GroupSparseMoreauGrad" in capsys.readouterr().out

@@ -15,19 +15,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 import mglightning.reporting
+from mglightning.explainers import EXPLAINERS
 from mglightning.reporting import (
-    METRIC_KEYS,
+    ResultRow,
     format_results_table,
-    is_moreaugrad_family,
     log_to_tensorboard,
-    method_label,
     normalised_magnitude,
-    robustness_bar_chart,
+    robustness_figure,
     saliency_grid,
     saliency_image_grid,
     save_figure,
     write_results,
 )
+from mglightning.reporting.tensorboard import SCALAR_KEYS
 
 METHODS = (
     "simple_gradient",
@@ -42,24 +42,24 @@ METHODS = (
 )
 
 
-def _entry(seed: int) -> dict:
+def _row(seed: int, method: str, epsilon: float = 0.5, suffix: str = "") -> ResultRow:
     rng = np.random.default_rng(seed)
-    return {
-        "distance": float(rng.uniform(0.2, 1.4)),
-        "topk": float(rng.uniform(0, 1)),
-        "ssim": float(rng.uniform(0, 1)),
-        "gini": float(rng.uniform(0, 1)),
-        "zero_fraction": float(rng.uniform(0, 1)),
-        "attack_success": float(rng.uniform(0, 1)),
-        "seconds_per_image": float(10 ** rng.uniform(-4, 1)),
-        "surrogate": "simple_gradient",
-        "samples": 64,
-    }
+    value = {key: float(rng.uniform(0.1, 0.9)) for key in ("distance", "topk", "ssim")}
+    cls = EXPLAINERS[method]
+    return ResultRow(
+        method=method + suffix, label=method, explainer=method, display_name=cls.display_name, family=cls.family,
+        epsilon=epsilon, surrogate="self", samples=64,
+        **{key: v for key, v in value.items()},
+        **{f"{key}_ci": (v - 0.05, v + 0.07) for key, v in value.items()},
+        gini=float(rng.uniform(0, 1)), zero_fraction=float(rng.uniform(0, 1)),
+        attack_success=float(rng.uniform(0, 1)), seconds_per_image=float(10 ** rng.uniform(-4, 1)),
+        attack_seconds_per_image=0.5, evals_clean=1.0, evals_attack=30.0, evals_attacked=1.0,
+    )
 
 
 @pytest.fixture
-def results() -> dict:
-    return {method: _entry(seed) for seed, method in enumerate(METHODS)}
+def rows() -> list[ResultRow]:
+    return [_row(seed, method) for seed, method in enumerate(METHODS)]
 
 
 def _images(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -78,126 +78,110 @@ def _grid_inputs(methods, batch=2, channels=3, size=8):
 # ------------------------------------------------------------------------------------------------ files
 
 
-def test_write_results_files_parse_back(tmp_path, results):
-    run_info = {"checkpoint": tmp_path / "model.ckpt", "dataset": "cifar10", "epsilon": 0.5, "seed": 7,
-                "devices": 2}
-    paths = write_results(results, tmp_path / "run", run_info=run_info)
+def test_write_results_files_parse_back(tmp_path, rows):
+    run_info = {"classifier": str(tmp_path / "model.ckpt"), "dataset": "CIFAR10DataModule", "epsilons": [0.5],
+                "seed": 7, "attack": {"kind": "topk", "steps": 10, "step_size": 0.005, "topk_fraction": 0.4},
+                "explainers": [{"label": "moreaugrad", "display_name": "MoreauGrad", "settings": {"rho": 0.06}}]}
+    paths = write_results(rows, tmp_path / "run", run_info=run_info)
     assert set(paths) == {"json", "csv", "md"} and all(path.is_file() for path in paths.values())
 
     document = json.loads(paths["json"].read_text())
-    assert document["run_info"] == {"checkpoint": str(tmp_path / "model.ckpt"), "dataset": "cifar10",
-                                    "epsilon": 0.5, "seed": 7, "devices": 2}
+    assert document["run_info"]["dataset"] == "CIFAR10DataModule"
     assert list(document["results"]) == list(METHODS)
-    assert document["results"] == results
+    assert document["results"]["relex"]["topk"] == rows[5].topk
+    assert document["results"]["relex"]["topk_ci"] == list(rows[5].topk_ci)
 
     with paths["csv"].open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["method"] for row in rows] == list(METHODS)
-    for row in rows:
-        expected = results[row["method"]]
-        assert row["surrogate"] == expected["surrogate"]
-        assert int(row["samples"]) == expected["samples"]
-        for key in METRIC_KEYS:
-            assert float(row[key]) == expected[key]  # full precision, not the table's rounding
+        read = list(csv.DictReader(handle))
+    assert [row["method"] for row in read] == list(METHODS)
+    for row, expected in zip(read, rows):
+        assert float(row["distance"]) == expected.distance  # full precision, not the table's rounding
+        assert int(row["samples"]) == expected.samples
 
     markdown = paths["md"].read_text()
-    assert "dataset" in markdown and "cifar10" in markdown
-    assert format_results_table(results) in markdown
+    assert "CIFAR10DataModule" in markdown and "MoreauGrad (rho=0.06)" in markdown and "ε = 0.500" in markdown
+    assert format_results_table(rows) in markdown
 
 
-def test_markdown_table_rows_and_number_format(results):
-    results["moreaugrad"].update(distance=0.31234, topk=1.0, zero_fraction=0.0, seconds_per_image=0.000123456)
-    results["relex"].update(distance=1.23456, seconds_per_image=12.345, ssim=float("nan"))
-    lines = format_results_table(results).splitlines()
+def test_markdown_table_rows_and_number_format(rows):
+    rows[6].distance, rows[6].distance_ci, rows[6].seconds_per_image = 0.31234, (0.2, 0.4), 0.000123456
+    rows[5].ssim, rows[5].deletion_auc = float("nan"), 0.25
+    lines = format_results_table(rows).splitlines()
     assert len(lines) == 2 + len(METHODS)
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == ["method", "distance ↓", "top-k ↑", "SSIM ↑", "Gini", "zero share", "attack success",
-                      "s / image", "surrogate"]
-    assert set(lines[1].strip("|").replace(" ", "").split("|")) <= {":---", "---:"}
-    rows = {cells[0]: cells for cells in
-            ([cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:])}
-    assert list(rows) == list(METHODS)
-    assert all(len(cells) == len(header) for cells in rows.values())
-    assert rows["moreaugrad"][1:3] == ["0.312", "1.00"]
-    assert rows["moreaugrad"][5] == "0"
-    assert rows["moreaugrad"][7] == "0.000123"
-    assert rows["relex"][1] == "1.23" and rows["relex"][3] == "nan" and rows["relex"][7] == "12.3"
+    assert header[:4] == ["method", "distance ↓ [95% CI]", "top-k ↑ [95% CI]", "SSIM ↑ [95% CI]"]
+    assert "deletion AUC ↓" in header and header[-1] == "surrogate"
+    table = {cells[0]: cells for cells in
+             ([cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:])}
+    assert list(table) == list(METHODS)
+    assert all(len(cells) == len(header) for cells in table.values())
+    assert table["moreaugrad"][1] == "0.312 [0.200, 0.400]"
+    assert table["moreaugrad"][7] == "0.000123"
+    assert table["relex"][3].startswith("nan")
+    assert table["relex"][header.index("deletion AUC ↓")] == "0.250" and table["smoothgrad"][header.index("deletion AUC ↓")] == "–"
 
 
-def test_results_accept_tensors_and_write_nan_as_null(tmp_path, results):
-    results["smoothgrad"]["distance"] = torch.tensor(0.25)
-    results["smoothgrad"]["samples"] = torch.tensor(64)
-    results["smoothgrad"]["topk"] = np.float32(0.5)
-    results["deeplift"]["ssim"] = float("nan")
-    results["deeplift"]["note"] = "extra key"
-    paths = write_results(results, tmp_path)
-    text = paths["json"].read_text()
-    document = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
-    assert document["results"]["smoothgrad"]["distance"] == 0.25
-    assert document["results"]["smoothgrad"]["samples"] == 64
-    assert document["results"]["smoothgrad"]["topk"] == 0.5
+def test_results_write_nan_as_null(tmp_path, rows):
+    rows[4].ssim = float("nan")
+    paths = write_results(rows, tmp_path, run_info={})
+    document = json.loads(paths["json"].read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
     assert document["results"]["deeplift"]["ssim"] is None
     with paths["csv"].open(newline="") as handle:
-        rows = {row["method"]: row for row in csv.DictReader(handle)}
-    assert rows["deeplift"]["note"] == "extra key" and rows["moreaugrad"]["note"] == ""
-    assert math.isnan(float(rows["deeplift"]["ssim"]))
-
-
-def test_bad_results_fail_with_clear_errors(tmp_path, results):
-    with pytest.raises(ValueError, match="results is empty"):
-        write_results({}, tmp_path)
-    with pytest.raises(ValueError, match="results is empty"):
-        robustness_bar_chart({})
-    del results["relex"]["topk"]
-    with pytest.raises(ValueError, match=r"results\['relex'\] lacks \['topk'\]"):
-        format_results_table(results)
-    results["relex"]["topk"] = "high"
-    with pytest.raises(TypeError, match="must be a number"):
-        write_results(results, tmp_path)
-    results["relex"]["topk"] = torch.ones(3)
-    with pytest.raises(ValueError, match="one number per metric"):
-        write_results(results, tmp_path)
-    with pytest.raises(TypeError, match="dict of metric values"):
-        format_results_table({"moreaugrad": 0.3})
-    assert not (tmp_path / "results.json").exists()
+        read = {row["method"]: row for row in csv.DictReader(handle)}
+    assert math.isnan(float(read["deeplift"]["ssim"]))
 
 
 def test_docstring_examples_run():
-    outcome = doctest.testmod(mglightning.reporting, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert outcome.failed == 0 and outcome.attempted >= 5
-
-
-def test_method_names():
-    assert [is_moreaugrad_family(m) for m in METHODS] == [False] * 6 + [True] * 3
-    assert method_label("sparsified_smoothgrad") == "Sparsified SmoothGrad"
-    assert method_label("my_new_method") == "my_new_method"
+    total = 0
+    for module in (mglightning.reporting.results, mglightning.reporting.figures):
+        outcome = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+        assert outcome.failed == 0
+        total += outcome.attempted
+    assert total >= 3
 
 
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def test_robustness_bar_chart_draws_values_and_highlights_moreaugrad(results):
-    results["relex"]["ssim"] = float("nan")
-    figure = robustness_bar_chart(results, title="CIFAR-10")
+def test_robustness_figure_with_one_budget_draws_bars_with_intervals(rows):
+    rows[5].ssim = float("nan")
+    figure = robustness_figure(rows, title="CIFAR-10")
     axes = figure.axes
     assert len(axes) == 3
     for ax, key, direction in zip(axes, ("distance", "topk", "ssim"), ("lower", "higher", "higher")):
         bars = ax.patches
         assert len(bars) == len(METHODS)
-        widths = [bar.get_width() for bar in bars]
-        expected = [0.0 if math.isnan(results[m][key]) else results[m][key] for m in METHODS]
-        np.testing.assert_allclose(widths, expected)
+        expected = [0.0 if math.isnan(getattr(r, key)) else getattr(r, key) for r in rows]
+        np.testing.assert_allclose([bar.get_width() for bar in bars], expected)
         assert ax.get_xlabel() == f"{direction} is more robust"
-        assert ax.get_xlim()[0] == 0.0 and ax.get_xlim()[1] > max(widths)  # bars start at the axis
         hatched = [bool(bar.get_hatch()) for bar in bars]
-        assert hatched == [is_moreaugrad_family(m) for m in METHODS]
-        colours = {tuple(bar.get_facecolor()) for bar, mg in zip(bars, hatched) if mg}
-        assert len(colours) == 1 and colours.isdisjoint(tuple(bar.get_facecolor()) for bar in bars[:6])
-    assert [label.get_text() for label in axes[0].get_yticklabels()] == [method_label(m) for m in METHODS]
-    heights_on_page = [axes[0].transData.transform((0, bar.get_y()))[1] for bar in axes[0].patches]
-    assert heights_on_page == sorted(heights_on_page, reverse=True)  # first method on top, as in the table
+        assert hatched == [r.family == "moreaugrad" for r in rows]
+        # One error bar per method, spanning its interval.
+        (errorbar,) = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+        segments = errorbar.lines[2][0].get_segments()
+        for segment, row in zip(segments, rows):
+            low, high = getattr(row, f"{key}_ci")
+            if not math.isnan(getattr(row, key)):
+                assert segment[0][0] == pytest.approx(low) and segment[1][0] == pytest.approx(high)
+    assert [label.get_text() for label in axes[0].get_yticklabels()] == [r.display_name for r in rows]
     assert "n/a" in [text.get_text() for text in axes[2].texts]
     assert figure.get_suptitle() == "CIFAR-10"
+
+
+def test_robustness_figure_with_several_budgets_draws_one_line_per_method():
+    methods = ("simple_gradient", "smoothgrad", "moreaugrad")
+    rows = [_row(i, m, eps, f"@eps={eps:g}") for i, m in enumerate(methods) for eps in (0.3, 1.0, 3.0)]
+    figure = robustness_figure(rows)
+    for ax, key in zip(figure.axes[:3], ("distance", "topk", "ssim")):
+        containers = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+        assert [c.get_label() for c in containers] == [EXPLAINERS[m].display_name for m in methods]
+        for container, method in zip(containers, methods):
+            line = container.lines[0]
+            expected = [getattr(r, key) for r in rows if r.label == method]
+            np.testing.assert_allclose(line.get_ydata(), expected)
+            assert len(container.lines[2][0].get_segments()) == 3  # an error bar per budget
+            assert line.get_linestyle() == ("-" if method == "moreaugrad" else "--")
+        assert "budget" in ax.get_xlabel()
 
 
 def test_normalised_magnitude_matches_loop():
@@ -248,13 +232,17 @@ def test_saliency_grid_layout_and_content():
     figure = saliency_grid(inputs, attacked_inputs, clean_maps, attacked_maps,
                            labels=[0, 1, 1], predictions=torch.tensor([0, 0, 1]),
                            class_names=["cat", "dog"], sample_ids=torch.tensor([40, 41, 42]),
-                           sample_indices=[1, 2], channel_reduction="max")
+                           sample_indices=[1, 2], channel_reduction="max",
+                           method_names={"smoothgrad": "SmoothGrad", "moreaugrad": "MoreauGrad"},
+                           highlight=["moreaugrad"])
     image_axes = [ax for ax in figure.axes if ax.get_label() != "<colorbar>"]
     assert len(image_axes) == 2 * 3 * (1 + len(methods))  # samples x rows x (input + methods)
     assert len(figure.axes) == len(image_axes) + 1  # one shared colour bar
 
     titles = [ax.get_title() for ax in image_axes]
     assert "SmoothGrad" in titles and "MoreauGrad" in titles
+    colours = {ax.get_title(): ax.title.get_color() for ax in image_axes if ax.get_title() in ("SmoothGrad", "MoreauGrad")}
+    assert colours["SmoothGrad"] == "black" and colours["MoreauGrad"] != "black"
     assert [ax.get_ylabel() for ax in image_axes[:3]] == ["original", "attacked", "attacked input"]
     caption = image_axes[0].title
     assert caption.get_text().startswith("sample 41\n")
@@ -317,12 +305,12 @@ def test_saliency_grid_rejects_bad_selection():
         saliency_grid(*args, cmap="not-a-colormap")
 
 
-def test_saved_pngs_are_valid_images(tmp_path, results):
+def test_saved_pngs_are_valid_images(tmp_path, rows):
     inputs, attacked_inputs, clean_maps, attacked_maps = _grid_inputs(METHODS, size=32)
-    bar_path = save_figure(robustness_bar_chart(results), tmp_path / "figures" / "robustness.png", dpi=100)
+    bar_path = save_figure(robustness_figure(rows), tmp_path / "figures" / "robustness.png", dpi=100)
     grid_path = save_figure(saliency_grid(inputs, attacked_inputs, clean_maps, attacked_maps),
                             tmp_path / "figures" / "saliency_grid.png", dpi=100)
-    for path, figure_size in ((bar_path, (11.0, 1.6 + 0.32 * 9)), (grid_path, (1.3 * 10 + 1.0, None))):
+    for path, figure_size in ((bar_path, (11.0, 1.6 + 0.34 * 9)), (grid_path, (1.3 * 10 + 1.0, None))):
         with Image.open(path) as image:
             assert image.format == "PNG"
             width, height = image.size
@@ -332,7 +320,7 @@ def test_saved_pngs_are_valid_images(tmp_path, results):
         if figure_size[1] is not None:
             assert height == round(figure_size[1] * 100)
     with pytest.raises(ValueError, match=r"ending in \.png"):
-        save_figure(robustness_bar_chart(results), tmp_path / "figure.jpg")
+        save_figure(robustness_figure(rows), tmp_path / "figure.jpg")
 
 
 def test_save_figure_closes_pyplot_figures(tmp_path):
@@ -349,47 +337,44 @@ def test_save_figure_closes_pyplot_figures(tmp_path):
 # ------------------------------------------------------------------------------------------------ TensorBoard
 
 
-def test_log_to_tensorboard_writes_scalars_text_figures_and_images(tmp_path, results):
-    methods = ("smoothgrad", "moreaugrad")
-    results = {method: results[method] for method in methods}
+def test_log_to_tensorboard_writes_each_scalar_once_with_text_figures_and_images(tmp_path, rows):
+    rows = [rows[2], rows[6]]
+    methods = [row.method for row in rows]
     inputs, attacked_inputs, clean_maps, attacked_maps = _grid_inputs(methods)
-    bar_chart = robustness_bar_chart(results)
-    bar_chart.set_dpi(40)
+    chart = robustness_figure(rows)
+    chart.set_dpi(40)
     writer = SummaryWriter(log_dir=str(tmp_path))
-    log_to_tensorboard(writer, results, figures={"robustness": bar_chart},
+    log_to_tensorboard(writer, rows, figures={"robustness": chart},
                        images={"moreaugrad/clean_maps": saliency_image_grid(clean_maps["moreaugrad"])},
-                       step=3, run_info={"dataset": "digits", "epsilon": 0.5})
-    assert isinstance(bar_chart, Figure) and bar_chart.axes  # still usable, e.g. for save_figure
+                       step=3, run_info={"dataset": "digits", "epsilons": [0.5]})
+    assert isinstance(chart, Figure) and chart.axes  # still usable, e.g. for save_figure
 
     # Read while the writer is still open, as in a running Trainer.
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     events.Reload()
     writer.close()
     tags = events.Tags()
-    numeric_keys = METRIC_KEYS
-    assert set(tags["scalars"]) == {f"test/{m}/{key}" for m in methods for key in numeric_keys}
-    for method in methods:
-        for key in numeric_keys:
-            (event,) = events.Scalars(f"test/{method}/{key}")
+    logged = [key for key in SCALAR_KEYS if getattr(rows[0], key) is not None]
+    intervals = [f"{key}_ci_{end}" for key in ("distance", "topk", "ssim") for end in ("low", "high")]
+    assert set(tags["scalars"]) == {f"test/{m}/{key}" for m in methods for key in logged + intervals}
+    for row in rows:
+        for key in logged:
+            (event,) = events.Scalars(f"test/{row.method}/{key}")
             assert event.step == 3
-            assert event.value == pytest.approx(results[method][key], rel=1e-6)
+            assert event.value == pytest.approx(getattr(row, key), rel=1e-6)
     assert set(tags["images"]) == {"test/robustness", "test/moreaugrad/clean_maps"}
     (grid_event,) = events.Images("test/moreaugrad/clean_maps")
     assert (grid_event.width, grid_event.height) == (2 * 8 + 3 * 2, 8 + 2 * 2)
-    (figure_event,) = events.Images("test/robustness")
-    assert figure_event.width == round(11.0 * 40)
     text = events.Tensors("test/results/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert text == format_results_table(results)
+    assert text == format_results_table(rows)
     run_info_text = events.Tensors("test/run_info/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "digits" in run_info_text and "0.5" in run_info_text
+    assert "digits" in run_info_text and "0.500" in run_info_text
 
 
-def test_log_to_tensorboard_rejects_bad_images_before_logging(tmp_path, results):
+def test_log_to_tensorboard_rejects_bad_images_before_logging(tmp_path, rows):
     with SummaryWriter(log_dir=str(tmp_path)) as writer:
         with pytest.raises(ValueError, match=r"images\['maps'\] must be a \(3, H, W\)"):
-            log_to_tensorboard(writer, results, images={"maps": torch.rand(2, 3, 8, 8)})
-        with pytest.raises(ValueError, match="results is empty"):
-            log_to_tensorboard(writer, {})
+            log_to_tensorboard(writer, rows, images={"maps": torch.rand(2, 3, 8, 8)})
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert events.Tags()["scalars"] == []

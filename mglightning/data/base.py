@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from mglightning.data.evaluation import ExactlyOnceSampler, IndexedDataset
 from mglightning.data.transforms import to_tensor_transform
 
 Transform = Callable[[object], torch.Tensor]
@@ -164,6 +165,7 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+        self.evaluation_indices: list[int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Set the per-device batch size and build the datasets the stage needs, each only once.
@@ -209,8 +211,31 @@ class ImageDataModule(pl.LightningDataModule, abc.ABC):
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)
 
+    def evaluate_on(self, indices: Sequence[int] | None) -> None:
+        """Make `test_dataloader` serve these test-set indices for an evaluation run (`None`: back to normal).
+
+        The evaluation loader yields `(image, label, dataset index)` batches of `batch_size_per_device` and
+        gives every index to exactly one device (`ExactlyOnceSampler`, no padding), so per-sample results can
+        be keyed by dataset index and do not depend on the number of devices. `ExplanationEvaluator` calls this
+        in its `setup`; `trainer.test(evaluator, datamodule=datamodule)` then uses it.
+        """
+        self.evaluation_indices = None if indices is None else [int(index) for index in indices]
+
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
+        if self.evaluation_indices is None:
+            return self._loader(self.test_dataset, shuffle=False)
+        if self.test_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before its dataloaders are requested.")
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = ExactlyOnceSampler(self.test_dataset, self.evaluation_indices, num_replicas=world_size, rank=rank)
+        return DataLoader(
+            IndexedDataset(self.test_dataset),
+            batch_size=self.batch_size_per_device,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
 
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -21,18 +23,32 @@ class IndexedDataset(Dataset):
 
 
 class ExactlyOnceSampler(DistributedSampler):
-    """The first `num_samples_total` indices split over `num_replicas` ranks, each index on exactly one rank.
+    """Given dataset indices split over `num_replicas` ranks, each index on exactly one rank.
 
     Unlike `DistributedSampler` it never pads ranks to equal length with repeated samples (which would
-    count those samples twice in the metrics); rank `r` gets indices `r, r + R, r + 2R, ...`. It subclasses
-    `DistributedSampler` only so that Lightning recognises it as distributed and does not replace it.
+    count those samples twice in the metrics); rank `r` gets `indices[r], indices[r + R], ...`, so a rank may
+    get one sample fewer than another, or none. It subclasses `DistributedSampler` only so that Lightning
+    recognises it as distributed and does not replace it.
+
+    Args:
+        dataset: the dataset the indices point into.
+        indices: the dataset indices to visit (e.g. the first N, less those a resumed run already recorded).
+        num_replicas: the number of ranks.
+        rank: this process's rank.
+
+    Example:
+        >>> list(ExactlyOnceSampler(range(10), [0, 1, 2, 4, 5], num_replicas=2, rank=1))
+        [1, 4]
     """
 
-    def __init__(self, dataset: Dataset, num_samples_total: int, num_replicas: int = 1, rank: int = 0) -> None:
-        if not 0 < num_samples_total <= len(dataset):
-            raise ValueError(f"num_samples_total must be in [1, {len(dataset)}], got {num_samples_total}.")
+    def __init__(self, dataset: Dataset, indices: Sequence[int], num_replicas: int = 1, rank: int = 0) -> None:
+        indices = [int(index) for index in indices]
+        if any(not 0 <= index < len(dataset) for index in indices):
+            raise ValueError(f"indices must lie in [0, {len(dataset)}), the dataset's range.")
+        if len(set(indices)) != len(indices):
+            raise ValueError("indices must not repeat: each sample is evaluated exactly once.")
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.indices = list(range(rank, num_samples_total, num_replicas))
+        self.indices = indices[rank::num_replicas]
 
     def __iter__(self):
         return iter(self.indices)

@@ -84,6 +84,9 @@ class Explainer(abc.ABC):
 
     Class attributes:
         name: the registry name (`build_explainer(name, ...)`).
+        display_name: the name shown in tables and figures (e.g. "Sparse MoreauGrad").
+        family: the kind of method: `gradient`, `smoothing`, `propagation`, `perturbation`, `moreaugrad` or
+            `second_order` (figures highlight the `moreaugrad` family).
         supports_create_graph: whether `attribute(..., create_graph=True)` is available.
         surrogate: `"self"` when it is, otherwise the registry name of the method whose differentiable map
             an interpretation attack uses instead (SPEC 5).
@@ -95,6 +98,8 @@ class Explainer(abc.ABC):
     """
 
     name: ClassVar[str]
+    display_name: ClassVar[str]
+    family: ClassVar[str]
     supports_create_graph: ClassVar[bool] = True
     surrogate: ClassVar[str] = "self"
 
@@ -110,6 +115,11 @@ class Explainer(abc.ABC):
     def uses_noise(self) -> bool:
         """Whether the method draws random numbers (and so uses `seeds`)."""
         return False
+
+    def check_input_shape(self, shape: torch.Size) -> None:
+        """Raise a `ValueError` when the settings cannot work on images of `shape` `(B, C, H, W)` (e.g. a
+        `group_size` that does not divide the image); `attribute` calls it, an evaluation calls it before its
+        first batch. Nothing to check by default."""
 
     def attribute(
         self,
@@ -140,6 +150,7 @@ class Explainer(abc.ABC):
                 f"(build_explainer({self.surrogate!r}, model))."
             )
         check_inputs(inputs)
+        self.check_input_shape(inputs.shape)
         target = format_target(target, inputs)
         seeds = format_seeds(seeds, inputs.shape[0])
         if self.uses_noise and seeds is None:
@@ -155,8 +166,13 @@ class Explainer(abc.ABC):
                 "each map depend on its batch and the noise of the forward pass; call model.eval() first.",
                 stacklevel=2,
             )
-        with torch.enable_grad():
-            return self._attribute(inputs, target, seeds, create_graph)
+        # The first forward pass of the call checks the model's scores (no extra model evaluation).
+        handle = self.model.register_forward_hook(_FiniteScoresCheck(self.model))
+        try:
+            with torch.enable_grad():
+                return self._attribute(inputs, target, seeds, create_graph)
+        finally:
+            handle.remove()
 
     @abc.abstractmethod
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
@@ -174,6 +190,36 @@ class Explainer(abc.ABC):
     def __repr__(self) -> str:
         values = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.settings())
         return f"{type(self).__name__}({values})"
+
+
+class NonFiniteScoresError(ValueError):
+    """The model returned NaN or infinite scores: the model (or its checkpoint) is broken, not the explainer."""
+
+
+class _FiniteScoresCheck:
+    """Forward hook that checks the model's first output of an `attribute` call for NaN/inf, then goes quiet."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model_name = type(model).__name__
+        self.done = False
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self.done or not isinstance(output, Tensor):
+            return
+        self.done = True
+        check_finite_scores(output.detach(), self.model_name)
+
+
+def check_finite_scores(scores: Tensor, model_name: str) -> None:
+    """Raise `NonFiniteScoresError` naming the model when `scores` holds NaN or infinite values."""
+    finite = torch.isfinite(scores)
+    if not finite.all():
+        bad = (~finite).flatten(1).any(dim=1).nonzero().flatten().tolist() if scores.ndim > 1 else []
+        raise NonFiniteScoresError(
+            f"The model {model_name} returned NaN or infinite scores (rows {bad[:10]}{' ...' if len(bad) > 10 else ''} "
+            "of its input). The model or its checkpoint is broken (e.g. diverged training, wrong weights, inputs "
+            "outside what it was trained on); no attribution of these scores is meaningful."
+        )
 
 
 def check_inputs(inputs: Tensor) -> None:

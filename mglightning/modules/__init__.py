@@ -1,6 +1,5 @@
 """LightningModules: training (`ClassifierModule`) and evaluation (`ExplanationEvaluator`)."""
 
 from mglightning.modules.classifier import ClassifierModule, load_classifier
-from mglightning.modules.evaluator import ExplainerConfig, ExplanationEvaluator
+from mglightning.modules.evaluator import ExplanationEvaluator
 
-__all__ = ["ClassifierModule", "ExplainerConfig", "ExplanationEvaluator", "load_classifier"]

@@ -1,52 +1,70 @@
-"""The evaluation LightningModule: explain, attack, explain again and measure, on any number of devices."""
+"""The evaluation LightningModule: explain, attack, explain again and measure, on any number of devices.
+
+Every evaluated sample becomes one record per (method, budget), streamed to `<run_dir>/records/` as the run
+goes (`mglightning.reporting.records`); the tables, intervals and figures are computed from those records at the
+end (`mglightning.reporting.report`), so a stopped run resumes where it stopped and a finished one can be
+re-reported offline.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import platform
+import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader
-from torchmetrics import MeanMetric, Metric, MetricCollection, SumMetric
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from mglightning.attacks import GaussianNoise, TopKInterpretationAttack
-from mglightning.data.evaluation import ExactlyOnceSampler, IndexedDataset, sample_seeds
-from mglightning.explainers import build_explainer
-from mglightning.metrics import NormalizedDistance, SaliencySSIM, Sparsity, TopKIntersection
+from mglightning.data.evaluation import sample_seeds
+from mglightning.explainers.base import Explainer, check_finite_scores
+from mglightning.metrics.functional import (
+    _normalized_distance_update,
+    _saliency_ssim_update,
+    _sparsity_update,
+    _topk_intersection_update,
+)
 from mglightning.modules.classifier import load_classifier
-from mglightning import reporting
+from mglightning.reporting import RecordWriter, load_run_info, recorded_indices, report
+from mglightning.reporting.results import atomic_write_text
 
-
-@dataclass
-class ExplainerConfig:
-    """One explainer of the evaluation: its registered `name`, its `settings`, and an optional display `label`
-    (needed when the same method appears twice, e.g. two values of `rho`)."""
-
-    name: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    label: str | None = None
+ExplainerFactory = Callable[[nn.Module], Explainer]
 
 
 class ExplanationEvaluator(pl.LightningModule):
     """Robustness of explanations under an interpretation attack (the paper's section 6.4), run by `trainer.test`.
 
-    For every test sample: the prediction, each method's clean map, the attack on that method, the attacked
-    map, the metrics of SPEC section 6 and each method's time per image. Samples are split over devices exactly
-    once and noise seeds come from `seed` and the dataset index, so results do not depend on the number of
-    devices or the batch size. At the end rank 0 writes `results.json/.csv/.md`, a robustness bar chart and a
-    saliency grid into the run's log folder, and logs the same to TensorBoard.
+    For every test sample: the prediction, each method's clean map, the attack on that method under each budget,
+    the attacked map, the metrics of SPEC section 6, the time and the gradient evaluations spent. Each sample's
+    results are written as records to `<run_dir>/records/` when its batch is done; at the end rank 0 computes
+    the results rows with 95% bootstrap intervals, writes `results.json/.csv/.md` and the figures into the run
+    folder, prints the table and logs the same to TensorBoard.
+
+    Samples are split over devices exactly once (the datamodule's evaluation loader, `evaluate_on`) and noise
+    seeds come from `seed` and the dataset index, so the records do not depend on the number of devices or the
+    batch size. A run folder that already holds records of the same evaluation (same settings, classifier file
+    and data: `run.json`'s fingerprint) is resumed: its recorded samples are skipped. A folder of a different
+    evaluation is refused.
+
+    Run with `trainer.test(evaluator, datamodule=datamodule)`, the trainer built with `inference_mode=False`
+    (`evaluate.py` does all this).
 
     Args:
-        checkpoint: a classifier checkpoint written by `train.py` (`mglightning.load_classifier`).
-        explainers: the methods to compare, each `{name, settings, label}`.
+        classifier: the classifier: a checkpoint written by `train.py` (`mglightning.load_classifier`).
+        explainers: `{label: factory}`, each factory taking the model and returning an explainer, e.g. an
+            explainer class or, in YAML, `{class_path: mglightning.explainers.MoreauGrad, init_args: {rho: 0.06}}`.
+            The label names the method's results rows (several entries may use one class with other settings).
         epsilon: the attack's L2 budget in [0, 1] pixel units, or a list of budgets (one results row per
-            explainer and budget, named `<explainer>@eps=<budget>`).
+            explainer and budget, named `<label>@eps=<budget>`).
         attack: `topk` (the L2-bounded top-k interpretation attack) or `gaussian` (random noise of norm epsilon).
         attack_steps: iterations of the top-k attack.
         attack_step_size: its step size (default `epsilon / 100`, as the official code).
@@ -55,16 +73,16 @@ class ExplanationEvaluator(pl.LightningModule):
             or `simple_gradient` (attack every method through the simple gradient).
         target: explain the model's `prediction` (default) or the dataset `label`.
         max_samples: evaluate the first `max_samples` test samples (all when None); capped at the test set size.
-        batch_size: samples per device and step.
-        seed: global seed of every noise draw.
-        grid_samples: samples shown in the saliency grid.
-        num_workers: data-loading workers.
+        seed: global seed of every noise draw and of the bootstrap.
+        grid_samples: samples shown in the saliency grid (the first dataset indices).
+        bootstrap_samples: resamples of the bootstrap intervals.
+        run_dir: the run folder; default the logger's folder (`trainer.log_dir`).
     """
 
     def __init__(
         self,
-        checkpoint: str | None,
-        explainers: list[ExplainerConfig],
+        classifier: str | None,
+        explainers: dict[str, ExplainerFactory],
         epsilon: float | list[float] = 0.5,
         attack: Literal["topk", "gaussian"] = "topk",
         attack_steps: int = 10,
@@ -73,111 +91,178 @@ class ExplanationEvaluator(pl.LightningModule):
         surrogate: Literal["self", "simple_gradient"] = "self",
         target: Literal["prediction", "label"] = "prediction",
         max_samples: int | None = None,
-        batch_size: int = 16,
         seed: int = 0,
         grid_samples: int = 4,
-        num_workers: int = 0,
+        bootstrap_samples: int = 1000,
+        run_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if checkpoint is None:
-            raise ValueError("No classifier checkpoint given: pass --ckpt_path <file> (or model.checkpoint in the config).")
+        if classifier is None:
+            raise ValueError("No classifier given: pass --ckpt_path <file> (or model.classifier in the config).")
         if not explainers:
-            raise ValueError("Give at least one explainer, e.g. `explainers: [{name: simple_gradient}]`.")
+            raise ValueError(
+                "Give at least one explainer, e.g. `explainers: {simple_gradient: "
+                "{class_path: mglightning.explainers.SimpleGradient}}`."
+            )
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be positive (or null for the whole test set), got {max_samples}.")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}.")
-        self.save_hyperparameters()
-        self.classifier = load_classifier(checkpoint)
-        # Explanations differentiate with respect to the inputs only; frozen weights skip their gradients.
-        self.classifier.requires_grad_(False)
-
+        if bootstrap_samples < 1:
+            raise ValueError(f"bootstrap_samples must be positive, got {bootstrap_samples}.")
         epsilons = [float(e) for e in (epsilon if isinstance(epsilon, (list, tuple)) else [epsilon])]
         if not epsilons:
             raise ValueError("Give at least one attack budget epsilon.")
-        self.labels: list[str] = []
-        self.explainers = {}
-        for config in explainers:
-            config = config if isinstance(config, ExplainerConfig) else ExplainerConfig(**config)
-            label = config.label or config.name
-            if label in self.explainers:
-                raise ValueError(f"Explainer {label!r} is listed twice; give the copies distinct `label`s.")
-            self.labels.append(label)
-            self.explainers[label] = build_explainer(config.name, self.classifier, **config.settings)
+        self.classifier_source = classifier
+        self.epsilons = epsilons
+        self.attack_kind = attack
+        self.attack_steps = attack_steps
+        self.attack_step_size = attack_step_size
+        self.topk_fraction = topk_fraction
+        self.surrogate = surrogate
+        self.target_kind = target
+        self.max_samples = max_samples
+        self.seed = seed
+        self.grid_samples = grid_samples
+        self.bootstrap_samples = bootstrap_samples
+        self.run_dir = Path(run_dir) if run_dir is not None else None
 
-        # One row of results per (explainer, epsilon); the row is named after the explainer alone when a
-        # single budget is evaluated.
+        self.classifier = load_classifier(classifier)
+        # Explanations differentiate with respect to the inputs only; frozen weights skip their gradients.
+        self.classifier.requires_grad_(False)
+        self.explainers: dict[str, Explainer] = {}
+        for label, factory in explainers.items():
+            explainer = factory(self.classifier)
+            if not isinstance(explainer, Explainer):
+                raise ValueError(
+                    f"explainers[{label!r}] built a {type(explainer).__name__}, not an mglightning Explainer; use "
+                    "class_path: mglightning.explainers.<Method>."
+                )
+            self.explainers[str(label)] = explainer
+
+        # One results row per (explainer, budget); named after the explainer alone when one budget is evaluated.
         self.rows: list[tuple[str, str, float]] = [
             (label if len(epsilons) == 1 else f"{label}@eps={eps:g}", label, eps)
-            for label in self.labels
+            for label in self.explainers
             for eps in epsilons
         ]
         self.attacks = {}
         for row, label, eps in self.rows:
             if attack == "topk":
                 self.attacks[row] = TopKInterpretationAttack(
-                    self.explainers[label],
-                    epsilon=eps,
-                    num_steps=attack_steps,
-                    step_size=attack_step_size,
-                    topk_fraction=topk_fraction,
-                    surrogate=surrogate,
+                    self.explainers[label], epsilon=eps, num_steps=attack_steps, step_size=attack_step_size,
+                    topk_fraction=topk_fraction, surrogate=surrogate,
                 )
             else:
                 self.attacks[row] = GaussianNoise(eps, model=self.classifier)
+        self.result_rows = None  # the ResultRows, on rank 0 after the run
+        self.output_paths: dict[str, Path] = {}
+        self._progress = None
+        self._writer: RecordWriter | None = None
 
-        # Metrics sit in lists parallel to `self.rows` and `self.labels` (names may hold characters that
-        # module names cannot).
-        self.robustness = nn.ModuleList(
-            MetricCollection(
-                {
-                    "distance": NormalizedDistance(),
-                    "topk": TopKIntersection(fraction=topk_fraction),
-                    "ssim": SaliencySSIM(),
-                }
-            )
-            for _ in self.rows
-        )
-        self.attack_success = nn.ModuleList(MeanMetric() for _ in self.rows)
-        self.sparsity = nn.ModuleList(Sparsity() for _ in self.labels)
-        self.seconds_per_image = nn.ModuleList(MeanMetric() for _ in self.labels)
-        self.samples = SumMetric()
-        self.accuracy = MeanMetric()
-        self.data_source: pl.LightningDataModule | None = None
-        self.results: dict[str, dict[str, Any]] = {}
-        self._grid: list[dict[str, Any]] = []
-
-    # ----------------------------------------------------------------------------------------------- data
-    def attach_datamodule(self, datamodule: pl.LightningDataModule) -> None:
-        """The datamodule whose `test_dataset` is evaluated (its loader is built here, with our sampler)."""
-        self.data_source = datamodule
-
-    def prepare_data(self) -> None:
-        self._require_datamodule().prepare_data()
-
+    # ------------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
-        datamodule = self._require_datamodule()
-        datamodule.trainer = self.trainer
-        datamodule.setup("test")
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "evaluate_on"):
+            raise RuntimeError(
+                "Run the evaluator as trainer.test(evaluator, datamodule=datamodule) with an mglightning "
+                "ImageDataModule (it provides the exactly-once evaluation loader)."
+            )
+        if datamodule.test_dataset is None:
+            datamodule.setup("test")
+        self._check_shapes(datamodule)
         size = len(datamodule.test_dataset)
-        requested = self.hparams.max_samples
-        if requested is not None and requested > size:
-            warnings.warn(f"max_samples={requested} is larger than the test set; evaluating all {size} samples.")
-        self.num_samples_total = size if requested is None else min(requested, size)
+        if self.max_samples is not None and self.max_samples > size:
+            warnings.warn(f"max_samples={self.max_samples} is larger than the test set; evaluating all {size} samples.")
+        planned = size if self.max_samples is None else min(self.max_samples, size)
 
-    def test_dataloader(self) -> DataLoader:
-        dataset = IndexedDataset(self._require_datamodule().test_dataset)
-        sampler = ExactlyOnceSampler(
-            dataset, self.num_samples_total, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank
-        )
-        return DataLoader(
-            dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=self.hparams.num_workers
-        )
+        # `trainer.log_dir` is a collective call (a broadcast): every rank asks for it.
+        log_dir = self.trainer.log_dir
+        run_dir = self.run_dir or Path(log_dir or self.trainer.default_root_dir)
+        self.run_dir = run_dir
+        run_info = self._run_info(datamodule, planned)
+        _check_run_folder(run_dir, run_info)  # every rank, so a foreign folder fails everywhere alike
+        self.trainer.strategy.barrier("run folder checked")
+        if self.trainer.is_global_zero and not (run_dir / "run.json").is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
+        done = recorded_indices(run_dir, [row for row, _, _ in self.rows])
+        self.trainer.strategy.barrier("records read")
+        remaining = [index for index in range(planned) if index not in done]
+        if done and self.trainer.is_global_zero:
+            print(f"Resuming {run_dir}: {len(done)} of {planned} samples already recorded, {len(remaining)} to go.")
+        datamodule.evaluate_on(remaining)
+        self._remaining = remaining
+        self._writer = RecordWriter(run_dir, self.trainer.global_rank)
 
-    def _require_datamodule(self) -> pl.LightningDataModule:
-        if self.data_source is None:
-            raise RuntimeError("Call `attach_datamodule(datamodule)` before `trainer.test(evaluator)`.")
-        return self.data_source
+    def _check_shapes(self, datamodule) -> None:
+        """Settings that depend on the image size (e.g. `group_size`) fail here, before the first batch."""
+        shape = torch.Size((1, datamodule.in_chans, datamodule.image_size, datamodule.image_size))
+        for label, explainer in self.explainers.items():
+            try:
+                explainer.check_input_shape(shape)
+            except ValueError as error:
+                raise ValueError(f"explainers[{label!r}]: {error}") from None
+
+    def _run_info(self, datamodule, planned: int) -> dict[str, Any]:
+        explainers = [
+            {
+                "label": label,
+                "name": explainer.name,
+                "display_name": explainer.display_name,
+                "family": explainer.family,
+                "class": f"{type(explainer).__module__}.{type(explainer).__qualname__}",
+                "settings": {name: getattr(explainer, name) for name in explainer.settings()},
+            }
+            for label, explainer in self.explainers.items()
+        ]
+        rows = [
+            {
+                "method": row,
+                "label": label,
+                "explainer": self.explainers[label].name,
+                "display_name": self.explainers[label].display_name
+                + ("" if len(self.epsilons) == 1 else f" (ε={eps:g})"),
+                "family": self.explainers[label].family,
+                "epsilon": eps,
+                "surrogate": getattr(self.attacks[row], "surrogate_name", "none (random noise)"),
+            }
+            for row, label, eps in self.rows
+        ]
+        attack = {"kind": self.attack_kind}
+        if self.attack_kind == "topk":
+            attack.update(
+                steps=self.attack_steps,
+                step_size=self.attack_step_size if self.attack_step_size is not None else "epsilon / 100",
+                topk_fraction=self.topk_fraction,
+                surrogate=self.surrogate,
+            )
+        data_settings = {
+            key: value
+            for key, value in dict(getattr(datamodule, "hparams", {})).items()
+            if key not in ("batch_size", "num_workers", "pin_memory")
+        }
+        evaluation = {
+            "classifier": str(self.classifier_source),
+            "classifier_sha256": _file_sha256(self.classifier_source),
+            "dataset": type(datamodule).__name__,
+            "data_settings": data_settings,
+            "test_set_size": len(datamodule.test_dataset),
+            "planned_samples": planned,
+            "explainers": explainers,
+            "rows": rows,
+            "epsilons": self.epsilons,
+            "attack": attack,
+            "target": self.target_kind,
+            "seed": self.seed,
+        }
+        fingerprint = hashlib.sha256(json.dumps(evaluation, sort_keys=True, default=str).encode()).hexdigest()
+        return {
+            **evaluation,
+            "fingerprint": fingerprint,
+            "bootstrap_samples": self.bootstrap_samples,
+            "grid_samples": self.grid_samples,
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+            "title": f"{type(datamodule).__name__}, {self.attack_kind} attack",
+        }
 
     # ------------------------------------------------------------------------------------------- the run
     def on_test_start(self) -> None:
@@ -187,141 +272,178 @@ class ExplanationEvaluator(pl.LightningModule):
                 "(evaluate.py does this by default)."
             )
         self.classifier.eval()
-        # Fresh metric states in every process: with `ddp_spawn` on CPU the states pickled to the workers live in
-        # shared memory, and in-place updates from two ranks would land in the same tensor.
-        for module in self.modules():
-            if isinstance(module, Metric):
-                module.reset()
+        share = len(self._remaining[self.trainer.global_rank :: self.trainer.world_size])
+        self._progress_unit = "samples" if self.trainer.world_size == 1 else f"samples of rank 0 (1/{self.trainer.world_size})"
+        self._progress = tqdm(
+            total=share, desc=self._progress_unit, unit="sample", dynamic_ncols=True, file=sys.stderr,
+            disable=not self.trainer.is_global_zero or share == 0,
+            bar_format="{n:.1f}/{total} {desc} |{bar}| {elapsed} elapsed, {remaining} left",
+        )
 
     def test_step(self, batch, batch_idx: int) -> None:
         images, labels, indices = batch
-
         with torch.no_grad():
-            predictions = self.classifier(images).argmax(dim=1)
-        target = predictions if self.hparams.target == "prediction" else labels
-        seeds = sample_seeds(self.hparams.seed, indices)
-        self.samples.update(torch.tensor(float(len(images)), device=self.device))
-        self.accuracy.update((predictions == labels).float())
-        keep = indices < self.hparams.grid_samples
-        record = {"index": indices[keep].cpu(), "image": images[keep].cpu(), "label": labels[keep].cpu(),
-                  "prediction": predictions[keep].cpu(), "maps": {}}
+            logits = self.classifier(images)
+        check_finite_scores(logits, f"{type(self.classifier).__name__} ({self.classifier_source})")
+        predictions = logits.argmax(dim=1)
+        target = predictions if self.target_kind == "prediction" else labels
+        seeds = sample_seeds(self.seed, indices.cpu())
+        batch_size = len(images)
+        base = {
+            "index": indices.tolist(), "label": labels.tolist(), "prediction": predictions.tolist(),
+            "target": target.tolist(),
+        }
+        records: list[dict[str, Any]] = []
+        grid = self._grid_part(images, labels, predictions, indices)
+        step = 1.0 / len(self.rows)
 
-        for label_index, label in enumerate(self.labels):
-            explainer = self.explainers[label]
-            started = time.perf_counter()
+        for label, explainer in self.explainers.items():
+            self._show(label, None)
+            started = _clock(images)
             clean = explainer.attribute(images, target, seeds=seeds)
-            if clean.is_cuda:  # kernels run asynchronously: wait for them before reading the clock
-                torch.cuda.synchronize(clean.device)
-            seconds = time.perf_counter() - started
-            self.sparsity[label_index].update(clean)
-            self.seconds_per_image[label_index].update(torch.tensor(seconds / len(images)), weight=len(images))
-            for row_index, (row, row_label, _) in enumerate(self.rows):
+            seconds_clean = (_clock(images) - started) / batch_size
+            evals_clean = _sample_evaluations(explainer, batch_size)
+            gini, zero_share = _sparsity_update(clean.detach())
+            for row, row_label, eps in self.rows:
                 if row_label != label:
                     continue
+                self._show(label, eps)
+                started = _clock(images)
                 attacked_images, moved = self.attacks[row].perturb(images, target, seeds=seeds)
+                seconds_attack = (_clock(images) - started) / batch_size
+                evals_attack = _sample_evaluations(self.attacks[row], batch_size)
+                started = _clock(images)
                 attacked = explainer.attribute(attacked_images, target, seeds=seeds)
-                self.robustness[row_index].update(clean, attacked)
-                self.attack_success[row_index].update(moved.float())
-                if keep.any():
-                    record["maps"][row] = (clean[keep].cpu(), attacked_images[keep].cpu(), attacked[keep].cpu())
-        if keep.any():
-            self._grid.append(record)
+                seconds_attacked = (_clock(images) - started) / batch_size
+                evals_attacked = _sample_evaluations(explainer, batch_size)
+                metrics = {
+                    "distance": _normalized_distance_update(clean, attacked),
+                    "topk": _topk_intersection_update(clean, attacked, self.topk_fraction),
+                    "ssim": _saliency_ssim_update(clean, attacked),
+                }
+                for position in range(batch_size):
+                    records.append(
+                        {
+                            **{key: values[position] for key, values in base.items()},
+                            "method": row,
+                            "explainer": explainer.name,
+                            "epsilon": eps,
+                            **{key: float(values[position]) for key, values in metrics.items()},
+                            "gini": float(gini[position]),
+                            "zero_fraction": float(zero_share[position]),
+                            "moved": bool(moved[position]),
+                            "seconds_clean": seconds_clean,
+                            "seconds_attack": seconds_attack,
+                            "seconds_attacked": seconds_attacked,
+                            "evals_clean": evals_clean[position],
+                            "evals_attack": evals_attack[position],
+                            "evals_attacked": evals_attacked[position],
+                            "rank": self.trainer.global_rank,
+                        }
+                    )
+                if grid is not None:
+                    keep = grid["keep"]
+                    grid["clean"][row] = clean[keep].detach().cpu()
+                    grid["attacked_input"][row] = attacked_images[keep].detach().cpu()
+                    grid["attacked"][row] = attacked[keep].detach().cpu()
+                if self._progress is not None:
+                    self._progress.update(batch_size * step)
+        # The batch's records land in one file, only once all its methods are done.
+        self._writer.write(records)
+        if grid is not None:
+            self._save_grid(grid)
+
+    def _show(self, label: str, epsilon: float | None) -> None:
+        if self._progress is not None and not self._progress.disable:
+            what = f"{label}: clean map" if epsilon is None else f"{label}: attack at ε={epsilon:g}"
+            self._progress.set_description_str(f"{self._progress_unit} · {what}", refresh=True)
+
+    def _grid_part(self, images: Tensor, labels: Tensor, predictions: Tensor, indices: Tensor) -> dict | None:
+        keep = (indices < self.grid_samples).cpu()
+        if not keep.any():
+            return None
+        return {
+            "keep": keep, "index": indices.cpu()[keep], "image": images.cpu()[keep], "label": labels.cpu()[keep],
+            "prediction": predictions.cpu()[keep], "clean": {}, "attacked_input": {}, "attacked": {},
+        }
+
+    def _save_grid(self, grid: dict[str, Any]) -> None:
+        folder = self.run_dir / "grid"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid = {key: value for key, value in grid.items() if key != "keep"}
+        grid["display_names"] = {row: spec for row, spec in self._display_names().items()}
+        grid["families"] = {row: self.explainers[label].family for row, label, _ in self.rows}
+        name = f"rank{self.trainer.global_rank:03d}-{int(grid['index'].min())}.pt"
+        torch.save(grid, folder / f".{name}.tmp")
+        (folder / f".{name}.tmp").replace(folder / name)
+
+    def _display_names(self) -> dict[str, str]:
+        return {
+            row: self.explainers[label].display_name + ("" if len(self.epsilons) == 1 else f" ε={eps:g}")
+            for row, label, eps in self.rows
+        }
 
     def on_test_epoch_end(self) -> None:
-        # Each metric is computed (and so synchronised over devices) exactly once, in the same order on every rank.
-        samples = int(self.samples.compute())
-        accuracy = float(self.accuracy.compute())
-        sparsity = {label: metric.compute() for label, metric in zip(self.labels, self.sparsity)}
-        seconds = {label: float(metric.compute()) for label, metric in zip(self.labels, self.seconds_per_image)}
-        results: dict[str, dict[str, Any]] = {}
-        for row_index, (row, label, _) in enumerate(self.rows):
-            robustness = self.robustness[row_index].compute()
-            results[row] = {
-                "distance": float(robustness["distance"]),
-                "topk": float(robustness["topk"]),
-                "ssim": float(robustness["ssim"]),
-                "gini": float(sparsity[label]["gini"]),
-                "zero_fraction": float(sparsity[label]["zero_fraction"]),
-                "attack_success": float(self.attack_success[row_index].compute()),
-                "seconds_per_image": seconds[label],
-                "surrogate": getattr(self.attacks[row], "surrogate_name", "none (random noise)"),
-                "samples": samples,
-            }
-            for key, value in results[row].items():
-                if isinstance(value, float):
-                    self.log(f"test/{row}/{key}", value, rank_zero_only=True)
-        self.log("test/accuracy", accuracy, rank_zero_only=True)
-        self.log("test/samples", float(samples), rank_zero_only=True)
-        self.results = results
-        grid = self._gather_grid()
-        # `trainer.log_dir` is a collective call (a broadcast): every rank asks for it, rank 0 writes.
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        if self.trainer.is_global_zero:
-            self._write_outputs(results, grid, out_dir, samples=samples, accuracy=accuracy)
-
-    def _gather_grid(self) -> list[dict[str, Any]]:
-        """The grid samples from every rank (each rank holds those that its share of the data contained)."""
-        records = self._grid
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[list[dict[str, Any]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-            dist.all_gather_object(gathered, records)
-            records = [record for rank_records in gathered for record in rank_records]
-        self._grid = []
-        return records
-
-    def _write_outputs(
-        self, results: dict[str, dict[str, Any]], grid: list[dict[str, Any]], out_dir: Path, samples: int, accuracy: float
-    ) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        hp = self.hparams
-        run_info = {
-            "checkpoint": str(hp.checkpoint),
-            "dataset": type(self.data_source).__name__,
-            "samples": samples,
-            "accuracy": accuracy,
-            "attack": hp.attack,
-            "epsilon": hp.epsilon,
-            "rows": [{"row": row, "explainer": label, "epsilon": eps} for row, label, eps in self.rows],
-            "attack_steps": hp.attack_steps,
-            "topk_fraction": hp.topk_fraction,
-            "target": hp.target,
-            "seed": hp.seed,
-            "devices": self.trainer.world_size,
-            "explainers": [
-                {"label": label, "name": type(self.explainers[label]).__name__} for label in self.labels
-            ],
-        }
-        paths = reporting.write_results(results, out_dir, run_info=run_info)
-        figures = {"robustness": reporting.robustness_bar_chart(results)}
-        if grid:
-            figures["saliency_grid"] = self._saliency_grid(grid)
+        if self._progress is not None:
+            self._progress.close()
+        # Every rank's records are on disk before rank 0 reads them.
+        self.trainer.strategy.barrier("records written")
+        if not self.trainer.is_global_zero:
+            return
         experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
-        if experiment is not None and hasattr(experiment, "add_figure"):
-            reporting.log_to_tensorboard(experiment, results, figures, step=self.global_step, run_info=run_info)
-        for name, figure in figures.items():
-            paths[name] = out_dir / f"{name}.png"
-            reporting.save_figure(figure, paths[name])
-        self.output_paths = paths
-        print("\n" + reporting.format_results_table(results))
-        print(f"\nEvaluated {run_info['samples']} samples (clean accuracy {run_info['accuracy']:.4f}).")
-        for name, path in paths.items():
-            print(f"  {name}: {path}")
+        if experiment is not None and not hasattr(experiment, "add_figure"):
+            experiment = None
+        self.output_paths = report(self.run_dir, experiment=experiment)
         if experiment is not None:
-            print(f"  TensorBoard: tensorboard --logdir {Path(out_dir).parent}")
+            print(f"  TensorBoard: tensorboard --logdir {self.run_dir.parent}")
+        from mglightning.reporting import read_records, summarise_records
 
-    def _saliency_grid(self, grid: list[dict[str, Any]]):
-        order = torch.cat([record["index"] for record in grid]).argsort()
-
-        def stack(get):
-            return torch.cat([get(record) for record in grid])[order]
-
-        inputs = stack(lambda r: r["image"])
-        rows = [row for row, _, _ in self.rows]
-        clean = {row: stack(lambda r, m=row: r["maps"][m][0]) for row in rows}
-        attacked_inputs = {row: stack(lambda r, m=row: r["maps"][m][1]) for row in rows}
-        attacked = {row: stack(lambda r, m=row: r["maps"][m][2]) for row in rows}
-        return reporting.saliency_grid(
-            inputs, attacked_inputs, clean, attacked,
-            labels=stack(lambda r: r["label"]), predictions=stack(lambda r: r["prediction"]),
-            sample_ids=stack(lambda r: r["index"]), num_samples=len(inputs),
+        self.result_rows = summarise_records(
+            read_records(self.run_dir), load_run_info(self.run_dir), self.bootstrap_samples, self.seed
         )
+
+
+def _clock(reference: Tensor) -> float:
+    """Seconds on a monotonic clock, after the device's queued kernels have finished (CUDA runs asynchronously)."""
+    if reference.is_cuda:
+        torch.cuda.synchronize(reference.device)
+    return time.perf_counter()
+
+
+def _sample_evaluations(source: Any, batch_size: int) -> list[float]:
+    """Per-sample gradient evaluations that an explainer or attack reports for its last call (NaN if it doesn't)."""
+    counts = getattr(source, "last_sample_gradient_evaluations", None)
+    if counts is None:
+        return [math.nan] * batch_size
+    return [float(value) for value in torch.as_tensor(counts).tolist()]
+
+
+def _file_sha256(path: str | Path) -> str | None:
+    """SHA-256 of a file (the classifier's weights), read in 1 MiB blocks; None for what is not a file."""
+    path = Path(str(path))
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_run_folder(run_dir: Path, run_info: dict[str, Any]) -> None:
+    """Refuse a run folder whose `run.json` describes another evaluation (its records cannot be resumed)."""
+    if not (run_dir / "run.json").is_file():
+        return
+    existing = load_run_info(run_dir)
+    if existing.get("fingerprint") == run_info["fingerprint"]:
+        return
+    changed = sorted(
+        key for key in set(existing) | set(run_info)
+        if key not in ("fingerprint", "versions", "bootstrap_samples", "grid_samples", "title")
+        and existing.get(key) != run_info.get(key)
+    )
+    raise ValueError(
+        f"{run_dir} holds an evaluation with other settings (differing: {', '.join(changed) or 'unknown'}), so its "
+        "records cannot be resumed. Evaluate into a new folder (evaluate.py makes a new version folder unless "
+        "--resume is given), or pass --overwrite true to discard the old records."
+    )
