@@ -81,7 +81,7 @@ def _one_thread():
 
 
 def fast(name: str, model: nn.Module, **overrides) -> Explainer:
-    return build_explainer(name, model, **{**FAST_SETTINGS[name], **overrides})
+    return build_explainer(name, model, **{**FAST_SETTINGS.get(name, {}), **overrides})
 
 
 @pytest.fixture
@@ -402,3 +402,34 @@ def test_deeplift_sums_to_delta_on_the_softplus_resnet18():
     # Not the simple gradient times the input: the rescale rule differs on a non-linear network.
     gradient_times_input = images * SimpleGradient(model).attribute(images, target)
     assert (attributions - gradient_times_input).norm() > 0.05 * gradient_times_input.norm()
+
+
+class _NaNAfter(nn.Module):
+    """Wraps a model and turns the scores of the samples in `broken` into NaN (or infinity)."""
+
+    def __init__(self, model: nn.Module, value: float = float("nan")) -> None:
+        super().__init__()
+        self.model, self.value = model, value
+
+    def forward(self, x):
+        scores = self.model(x)
+        return scores + self.value * (x.flatten(1)[:, :1] > -1)  # every row, still differentiable
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", sorted(EXPLAINERS))
+def test_a_model_with_non_finite_scores_is_an_error_naming_the_model(model, images, name, value):
+    broken = _NaNAfter(model, value)
+    explainer = fast(name, broken)
+    with pytest.raises(ValueError, match="model _NaNAfter returned NaN or infinite scores"):
+        explainer.attribute(images, target=0)
+
+
+def test_sparsified_smoothgrad_keeps_nan_gradients_nan():
+    from mglightning.explainers import sparsify_magnitudes
+
+    gradients = torch.ones(2, 1, 4, 4)
+    gradients[1, 0, 0, 0] = float("nan")
+    sparse = sparsify_magnitudes(gradients, flatten=0.1, l0=0.5)
+    assert not torch.isnan(sparse[0]).any()
+    assert torch.isnan(sparse[1]).any(), "a NaN gradient must not become a zero map"
