@@ -134,7 +134,10 @@ def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
 
     markdown = (run_dir / "results.md").read_text()
     assert "**Classifier**" in markdown and "Namespace(" not in markdown and "MoreauGrad (" in markdown
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # Progress at the level a user waits on: samples done of the total, the method and budget, the time left.
+    assert "/7 samples" in captured.err and "moreaugrad: attack at ε=0.5" in captured.err and "left" in captured.err
     assert printed.count("| method |") == 1, "one results table, ours (not Lightning's)"
     assert "Test metric" not in printed and "results.md" in printed and "Paired comparisons" in printed
 
