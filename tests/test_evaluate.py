@@ -115,7 +115,8 @@ def assert_same_results(first: dict, second: dict) -> None:
 def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
     cli = evaluate.cli_main(eval_args(checkpoint, tmp_path))
     run_dir = Path(cli.model.run_dir)
-    for name in ("run.json", "results.json", "results.csv", "results.md", "robustness.png", "saliency_grid.png"):
+    for name in ("run.json", "results.json", "results.csv", "results.md", "robustness.png", "saliency_grid.png",
+                 "fidelity.png"):
         assert (run_dir / name).is_file(), name
     results = results_of(run_dir)
     assert list(results) == METHODS
@@ -124,6 +125,7 @@ def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
         low, high = row["topk_ci"]
         assert low <= row["topk"] <= high
         assert row["evals_clean"] >= 1
+        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1  # fidelity_steps in the config
 
     records = read_records(run_dir)
     assert len(records) == 7 * len(METHODS)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from mglightning.attacks import GaussianNoise, TopKInterpretationAttack
 from mglightning.data.evaluation import sample_seeds
 from mglightning.explainers.base import Explainer, check_finite_scores
+from mglightning.metrics.fidelity import deletion_insertion_auc
 from mglightning.metrics.functional import (
     _normalized_distance_update,
     _saliency_ssim_update,
@@ -76,6 +77,9 @@ class ExplanationEvaluator(pl.LightningModule):
         seed: global seed of every noise draw and of the bootstrap.
         grid_samples: samples shown in the saliency grid (the first dataset indices).
         bootstrap_samples: resamples of the bootstrap intervals.
+        fidelity_steps: with `n > 0`, the fidelity of every clean map to the model: the areas under the deletion
+            and insertion curves of `n` steps (`mglightning.metrics.deletion_insertion_auc`; results columns
+            `deletion_auc` ↓ and `insertion_auc` ↑, figure `fidelity.png`). 0 (default) skips it.
         run_dir: the run folder; default the logger's folder (`trainer.log_dir`).
     """
 
@@ -94,6 +98,7 @@ class ExplanationEvaluator(pl.LightningModule):
         seed: int = 0,
         grid_samples: int = 4,
         bootstrap_samples: int = 1000,
+        fidelity_steps: int = 0,
         run_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -106,6 +111,8 @@ class ExplanationEvaluator(pl.LightningModule):
             )
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be positive (or null for the whole test set), got {max_samples}.")
+        if isinstance(fidelity_steps, bool) or not isinstance(fidelity_steps, int) or fidelity_steps < 0:
+            raise ValueError(f"fidelity_steps must be an integer >= 0 (0 skips the fidelity curves), got {fidelity_steps!r}.")
         if bootstrap_samples < 1:
             raise ValueError(f"bootstrap_samples must be positive, got {bootstrap_samples}.")
         epsilons = [float(e) for e in (epsilon if isinstance(epsilon, (list, tuple)) else [epsilon])]
@@ -123,6 +130,7 @@ class ExplanationEvaluator(pl.LightningModule):
         self.seed = seed
         self.grid_samples = grid_samples
         self.bootstrap_samples = bootstrap_samples
+        self.fidelity_steps = fidelity_steps
         self.run_dir = Path(run_dir) if run_dir is not None else None
 
         self.classifier = load_classifier(classifier)
@@ -253,6 +261,7 @@ class ExplanationEvaluator(pl.LightningModule):
             "attack": attack,
             "target": self.target_kind,
             "seed": self.seed,
+            "fidelity_steps": self.fidelity_steps,
         }
         fingerprint = hashlib.sha256(json.dumps(evaluation, sort_keys=True, default=str).encode()).hexdigest()
         return {
@@ -304,6 +313,13 @@ class ExplanationEvaluator(pl.LightningModule):
             seconds_clean = (_clock(images) - started) / batch_size
             evals_clean = _sample_evaluations(explainer, batch_size)
             gini, zero_share = _sparsity_update(clean.detach())
+            fidelity = {}
+            if self.fidelity_steps:
+                with torch.no_grad():
+                    deletion, insertion = deletion_insertion_auc(
+                        self.classifier, images, clean.detach(), target, steps=self.fidelity_steps
+                    )
+                fidelity = {"deletion_auc": deletion.tolist(), "insertion_auc": insertion.tolist()}
             for row, row_label, eps in self.rows:
                 if row_label != label:
                     continue
@@ -331,6 +347,7 @@ class ExplanationEvaluator(pl.LightningModule):
                             **{key: float(values[position]) for key, values in metrics.items()},
                             "gini": float(gini[position]),
                             "zero_fraction": float(zero_share[position]),
+                            **{key: values[position] for key, values in fidelity.items()},
                             "moved": bool(moved[position]),
                             "seconds_clean": seconds_clean,
                             "seconds_attack": seconds_attack,

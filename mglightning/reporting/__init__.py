@@ -8,6 +8,7 @@
 """
 
 from mglightning.reporting.figures import (
+    fidelity_figure,
     normalised_magnitude,
     robustness_figure,
     saliency_grid,
@@ -35,6 +36,7 @@ __all__ = [
     "RecordWriter",
     "ResultRow",
     "bootstrap_interval",
+    "fidelity_figure",
     "compare_paired",
     "format_comparisons",
     "format_number",

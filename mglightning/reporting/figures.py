@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 
 from mglightning.reporting.results import ResultRow, format_number
 
-__all__ = ["normalised_magnitude", "robustness_figure", "saliency_grid", "saliency_image_grid", "save_figure"]
+__all__ = ["fidelity_figure", "normalised_magnitude", "robustness_figure", "saliency_grid", "saliency_image_grid", "save_figure"]
 
 # Panels: (ResultRow metric, panel title, whether lower values are more robust).
 _ROBUSTNESS_PANELS: tuple[tuple[str, str, bool], ...] = (
@@ -81,13 +81,37 @@ def _interval(row: ResultRow, key: str) -> tuple[float, float]:
     return low, high
 
 
-def _bars(rows: Sequence[ResultRow]) -> Figure:
+def fidelity_figure(rows: Sequence[ResultRow], title: str | None = None) -> Figure:
+    """The fidelity of each method's clean maps to the model: areas under the deletion (↓) and insertion (↑)
+    curves with their 95% intervals, one bar per method (rows of the first budget: the clean map does not
+    depend on the budget).
+
+    Example:
+        >>> save_figure(fidelity_figure(rows), "logs/eval/fidelity.png")  # doctest: +SKIP
+    """
+    first = min(row.epsilon for row in rows)
+    rows = [row for row in rows if row.epsilon == first and row.deletion_auc is not None]
+    if not rows:
+        raise ValueError("no rows with deletion/insertion areas: evaluate with fidelity_steps > 0.")
+    panels = (("deletion_auc", "Deletion AUC", True), ("insertion_auc", "Insertion AUC", False))
+    figure = _bars(rows, panels, width=8.0, caption="more faithful")
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+def _bars(
+    rows: Sequence[ResultRow],
+    panels: Sequence[tuple[str, str, bool]] = _ROBUSTNESS_PANELS,
+    width: float = 11.0,
+    caption: str = "more robust",
+) -> Figure:
     highlighted = [row.family == "moreaugrad" for row in rows]
     colours = [_MOREAUGRAD_COLOUR if flag else _BASELINE_COLOUR for flag in highlighted]
     positions = np.arange(len(rows))
-    figure = _new_figure(11.0, 1.6 + 0.34 * len(rows))
-    axes = figure.subplots(1, len(_ROBUSTNESS_PANELS), sharey=True)
-    for ax, (key, name, lower_is_better) in zip(axes, _ROBUSTNESS_PANELS):
+    figure = _new_figure(width, 1.6 + 0.34 * len(rows))
+    axes = figure.subplots(1, len(panels), sharey=True)
+    for ax, (key, name, lower_is_better) in zip(axes, panels):
         values = np.array([getattr(row, key) for row in rows], dtype=float)
         intervals = np.array([_interval(row, key) for row in rows], dtype=float)
         errors = np.abs(np.stack([values - intervals[:, 0], intervals[:, 1] - values]))
@@ -98,18 +122,22 @@ def _bars(rows: Sequence[ResultRow]) -> Figure:
         for bar, flag in zip(bars, highlighted):
             if flag:
                 bar.set_hatch(_MOREAUGRAD_HATCH)
-        labels = ["n/a" if math.isnan(value) else format_number(value) for value in values]
-        ax.bar_label(bars, labels=labels, padding=12, fontsize=8)
         finite = intervals[np.isfinite(intervals)]
         largest = float(finite.max()) if finite.size else 1.0
-        ax.set_xlim(0.0, max(largest, 0.05 if lower_is_better else 1.0) * 1.25)
+        right = max(largest, 0.05 if lower_is_better else 1.0) * 1.25
+        ax.set_xlim(0.0, right)
+        # Each value is written just past the end of its error bar, so the two never overlap.
+        for position, value, (_, high) in zip(positions, values, intervals):
+            text = "n/a" if math.isnan(value) else format_number(value)
+            anchor = np.nanmax([value, high, 0.0]) if not math.isnan(value) else 0.0
+            ax.text(anchor + 0.015 * right, position, text, va="center", fontsize=8)
         ax.set_title(f"{name} {'↓' if lower_is_better else '↑'}", fontsize=11)
-        ax.set_xlabel(f"{'lower' if lower_is_better else 'higher'} is more robust", fontsize=9)
+        ax.set_xlabel(f"{'lower' if lower_is_better else 'higher'} is {caption}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.set_axisbelow(True)
         ax.spines[["top", "right"]].set_visible(False)
         ax.tick_params(axis="y", length=0)
-    axes[0].set_yticks(positions, [row.display_name for row in rows])
+    axes[0].set_yticks(positions, [row.display_name.split(" (ε=")[0] for row in rows])
     axes[0].invert_yaxis()  # first method on top, as in the table
     legend = [
         Patch(facecolor=_MOREAUGRAD_COLOUR, hatch=_MOREAUGRAD_HATCH, edgecolor="white", label="MoreauGrad family"),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mglightning.reporting.figures import robustness_figure, saliency_grid, save_figure
+from mglightning.reporting.figures import fidelity_figure, robustness_figure, saliency_grid, save_figure
 from mglightning.reporting.records import read_records
 from mglightning.reporting.results import (
     compare_paired,
@@ -83,6 +83,8 @@ def report(run_dir: str | Path, experiment: Any = None, verbose: bool = True) ->
             print(f"  {name}: {path}")
 
     figures = {"robustness": robustness_figure(rows, title=run_info.get("title"))}
+    if any(row.deletion_auc is not None for row in rows):
+        figures["fidelity"] = fidelity_figure(rows, title=run_info.get("title"))
     grid = load_grid(run_dir)
     if grid is not None:
         figures["saliency_grid"] = saliency_grid(**grid)

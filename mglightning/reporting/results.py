@@ -73,7 +73,9 @@ class ResultRow:
     evals_attack: float
     evals_attacked: float
     deletion_auc: float | None = None
+    deletion_auc_ci: tuple[float, float] | None = None
     insertion_auc: float | None = None
+    insertion_auc_ci: tuple[float, float] | None = None
     convex_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +162,11 @@ def summarise_records(
                 return None
             return float(part[column].astype("float64").mean())
 
+        def optional_interval(column: str) -> tuple[float, float] | None:
+            if optional(column) is None:
+                return None
+            return bootstrap_interval(part[column].to_numpy(dtype="float64"), resamples, seed=seed)
+
         intervals = {
             metric: bootstrap_interval(part[metric].to_numpy(), resamples, seed=seed) for metric, _ in INTERVAL_METRICS
         }
@@ -188,7 +195,9 @@ def summarise_records(
                 evals_attack=mean("evals_attack"),
                 evals_attacked=mean("evals_attacked"),
                 deletion_auc=optional("deletion_auc"),
+                deletion_auc_ci=optional_interval("deletion_auc"),
                 insertion_auc=optional("insertion_auc"),
+                insertion_auc_ci=optional_interval("insertion_auc"),
                 convex_share=optional("convex"),
             )
         )
