@@ -34,6 +34,8 @@ SPEC_NAMES = {
     "moreaugrad",
     "sparse_moreaugrad",
     "group_sparse_moreaugrad",
+    "caso",
+    "cafo",
 }
 
 # Small settings that keep every method fast on the tiny network below.
@@ -106,7 +108,8 @@ def test_registry_holds_exactly_the_spec_names():
     for name, cls in EXPLAINERS.items():
         assert cls.name == name and issubclass(cls, Explainer)
         assert cls.surrogate == ("self" if cls.supports_create_graph else "simple_gradient")
-        assert explainer_settings(name)["score"] == ("softmax" if name == "relex" else "logit")
+        expected = {"relex": "softmax", "caso": "log_softmax", "cafo": "log_softmax"}.get(name, "logit")
+        assert explainer_settings(name)["score"] == expected
     assert not any(cls.supports_create_graph for cls in (DeepLift, RelEx, SparsifiedSmoothGrad))
 
 

@@ -5,6 +5,7 @@ create_graph=False)`, and can be built by name with `build_explainer(name, model
 """
 
 from mglightning.explainers.base import SCORES, ClassScore, Explainer
+from mglightning.explainers.caso import CAFO, CASO
 from mglightning.explainers.deeplift import DeepLift
 from mglightning.explainers.gradients import (
     IntegratedGradients,
@@ -13,18 +14,29 @@ from mglightning.explainers.gradients import (
     SparsifiedSmoothGrad,
     sparsify_magnitudes,
 )
+from mglightning.explainers.hessian import (
+    ClassCrossEntropy,
+    HessianOperator,
+    hessian_vector_product,
+    largest_eigenvalue,
+    smallest_eigenvalue,
+)
 from mglightning.explainers.moreaugrad import GroupSparseMoreauGrad, MoreauGrad, SparseMoreauGrad, moreau_surrogate
 from mglightning.explainers.prox import group_soft_threshold, soft_threshold
 from mglightning.explainers.registry import EXPLAINERS, build_explainer, explainer_settings, list_explainers
 from mglightning.explainers.relex import RelEx
 
 __all__ = [
+    "CAFO",
+    "CASO",
     "EXPLAINERS",
     "SCORES",
+    "ClassCrossEntropy",
     "ClassScore",
     "DeepLift",
     "Explainer",
     "GroupSparseMoreauGrad",
+    "HessianOperator",
     "IntegratedGradients",
     "MoreauGrad",
     "RelEx",
@@ -35,8 +47,11 @@ __all__ = [
     "build_explainer",
     "explainer_settings",
     "group_soft_threshold",
+    "hessian_vector_product",
+    "largest_eigenvalue",
     "list_explainers",
     "moreau_surrogate",
+    "smallest_eigenvalue",
     "soft_threshold",
     "sparsify_magnitudes",
 ]

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from mglightning.explainers.base import Explainer
+from mglightning.explainers.caso import CAFO, CASO
 from mglightning.explainers.deeplift import DeepLift
 from mglightning.explainers.gradients import IntegratedGradients, SimpleGradient, SmoothGrad, SparsifiedSmoothGrad
 from mglightning.explainers.moreaugrad import GroupSparseMoreauGrad, MoreauGrad, SparseMoreauGrad
@@ -24,6 +25,8 @@ EXPLAINERS: dict[str, type[Explainer]] = {
         MoreauGrad,
         SparseMoreauGrad,
         GroupSparseMoreauGrad,
+        CASO,
+        CAFO,
     )
 }
 
