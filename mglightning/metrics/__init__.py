@@ -3,8 +3,16 @@
 Metric classes (``torchmetrics.Metric``, sum/count states, exact under DDP):
 ``NormalizedDistance``, ``TopKIntersection``, ``SaliencySSIM`` (``update(original, attacked)``) and
 ``Sparsity`` (``update(maps)``). Per-sample functional forms live in :mod:`mglightning.metrics.functional`.
+Fidelity of a map to its model: ``DeletionInsertionAUC`` and the per-sample ``deletion_insertion_auc`` /
+``deletion_insertion_curves`` (:mod:`mglightning.metrics.fidelity`).
 """
 
+from mglightning.metrics.fidelity import (
+    DeletionInsertionAUC,
+    DeletionInsertionCurves,
+    deletion_insertion_auc,
+    deletion_insertion_curves,
+)
 from mglightning.metrics.functional import (
     gini_index,
     normalized_distance,
@@ -18,10 +26,14 @@ from mglightning.metrics.robustness import NormalizedDistance, SaliencySSIM, Top
 from mglightning.metrics.sparsity import Sparsity
 
 __all__ = [
+    "DeletionInsertionAUC",
+    "DeletionInsertionCurves",
     "NormalizedDistance",
     "SaliencySSIM",
     "Sparsity",
     "TopKIntersection",
+    "deletion_insertion_auc",
+    "deletion_insertion_curves",
     "gini_index",
     "normalized_distance",
     "saliency_ssim",

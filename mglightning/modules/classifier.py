@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -11,6 +13,8 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from mglightning.models import create_model
+from mglightning.models.loading import ClassifierSource, build_classifier
+from mglightning.modules.adversarial import AdversarialTraining
 
 
 class ClassifierModule(pl.LightningModule):
@@ -18,6 +22,10 @@ class ClassifierModule(pl.LightningModule):
 
     The architecture's settings are saved as hyperparameters, so `ClassifierModule.load_from_checkpoint(path)`
     (or `mglightning.load_classifier(path)`) needs nothing but the checkpoint file.
+
+    With `adversarial.mode` other than `none` it trains on each device's batch perturbed by norm-regularised
+    adversarial training (`mglightning.modules.adversarial.AdversarialTraining`) and logs `train/adv_loss`,
+    `train/adv_acc`, `train/clean_loss` and `train/clean_acc` instead of `train/loss` and `train/acc`.
 
     Args:
         arch: registered model name (`resnet18`) or `timm/<name>`.
@@ -34,6 +42,10 @@ class ClassifierModule(pl.LightningModule):
             or `constant`.
         milestones: epochs of the multi-step decay.
         gamma: multi-step decay factor.
+        adversarial: norm-regularised adversarial training (`mode: l1|elastic|group`, `training: fast|iterative`,
+            `epsilon`, `epsilon2`, `group_size`, `steps`, `step_size`; see
+            `mglightning.modules.adversarial.AdversarialTraining`): train on perturbed batches so that the
+            simple gradient becomes sparse or group-sparse. Default `mode: none`, standard training.
     """
 
     def __init__(
@@ -52,6 +64,7 @@ class ClassifierModule(pl.LightningModule):
         scheduler: Literal["cosine", "multistep", "constant"] = "cosine",
         milestones: Sequence[int] = (150, 250),
         gamma: float = 0.1,
+        adversarial: AdversarialTraining = AdversarialTraining(),
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -60,7 +73,14 @@ class ClassifierModule(pl.LightningModule):
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay}.")
         if not 0 < gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {gamma}.")
-        self.save_hyperparameters()
+        if isinstance(adversarial, dict):  # a checkpoint's hyperparameters hold the settings as a plain dict
+            adversarial = AdversarialTraining(**adversarial)
+        # `image_size` comes from the datamodule: a group size that does not divide it fails before any batch.
+        adversarial.check_input_shape((1, len(mean), image_size, image_size))
+        self.adversarial = adversarial
+        self.save_hyperparameters(ignore=["adversarial"])
+        # Stored as a plain dict, so checkpoints stay readable with torch.load(weights_only=True).
+        self.hparams["adversarial"] = dataclasses.asdict(adversarial)
         self.net = create_model(
             arch,
             num_classes=num_classes,
@@ -71,6 +91,8 @@ class ClassifierModule(pl.LightningModule):
             **(model_kwargs or {}),
         )
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.train_clean_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.train_adv_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
@@ -83,10 +105,27 @@ class ClassifierModule(pl.LightningModule):
         return F.cross_entropy(logits, labels), logits.argmax(dim=1), labels
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.adversarial.enabled:
+            return self.adversarial_training_step(batch)
         loss, preds, labels = self.model_step(batch)
         self.train_acc(preds, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def adversarial_training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Train on this device's batch perturbed by `self.adversarial` (the perturbed batch only, as the paper)."""
+        images, labels = batch[0], batch[1]
+        perturbed, clean_logits = self.adversarial.perturb(self.net, images, labels)
+        logits = self(perturbed)
+        loss = F.cross_entropy(logits, labels)
+        self.train_clean_acc(clean_logits.argmax(dim=1), labels)
+        self.train_adv_acc(logits.argmax(dim=1), labels)
+        self.log("train/adv_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        # The clean loss comes from the perturbation's first pass (batch statistics, like train/loss without it).
+        self.log("train/clean_loss", F.cross_entropy(clean_logits, labels), on_step=True, on_epoch=True)
+        self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -123,29 +162,29 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """The network of a `ClassifierModule` checkpoint, in eval mode, on `map_location` (CPU by default).
+def load_classifier(
+    source: ClassifierSource | str | Path,
+    map_location: str | torch.device = "cpu",
+    *,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    in_chans: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> torch.nn.Module:
+    """A classifier that takes [0, 1] images, in eval mode, on `map_location` (CPU by default).
+
+    `source` is the path of a `ClassifierModule` checkpoint (its trained network comes back) or any
+    `ClassifierSource`: a timm model with its pretrained weights, a registered architecture with a state dict
+    file, any `nn.Module`. The data's settings, when given, fill the model's defaults (`mean`/`std` of its
+    normalisation layer, `num_classes`) and are checked before use (`mglightning.models.build_classifier`).
 
     Example:
         >>> model = load_classifier("checkpoints/digits/last.ckpt")
         >>> predictions = model(images).argmax(dim=1)
+        >>> model = load_classifier(ClassifierSource(arch="timm/efficientnet_b0", pretrained=True))
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Checkpoint {str(path)!r} does not exist. Train one with `python train.py fit --config configs/<name>.yaml` "
-            "(checkpoints are written under checkpoints/<experiment>/)."
-        )
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    hyperparameters = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    if "arch" not in hyperparameters or "state_dict" not in checkpoint:
-        raise ValueError(
-            f"{str(path)!r} is not a mglightning classifier checkpoint (no architecture in its hyperparameters); "
-            "pass a checkpoint written by `python train.py fit`, or build the model with "
-            "`mglightning.models.create_model(name, weights=path)` for a plain state dict."
-        )
-    # Rebuild from the dictionary already in memory rather than reading the file a second time.
-    settings = {name: value for name, value in hyperparameters.items() if not name.startswith("_")}
-    module = ClassifierModule(**settings)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.net.to(map_location).eval()
+    model = build_classifier(
+        source, num_classes=num_classes, image_size=image_size, in_chans=in_chans, mean=mean, std=std
+    )
+    return model.to(map_location)
