@@ -17,6 +17,10 @@ class GaussianNoise:
     the same label rule as :class:`TopKInterpretationAttack` applies: a sample whose prediction changes is
     returned clean and reported as not moved. Without a model every sample is moved.
 
+    It has :class:`TopKInterpretationAttack`'s cost and warm-start attributes, so both are read the same way:
+    :attr:`last_gradient_evaluations` is 0 and :attr:`last_sample_gradient_evaluations` zeros (no gradient is
+    computed; the label check is forward-only), and :attr:`last_displacement` is None (nothing was solved).
+
     Args:
         epsilon: L2 norm of the perturbation in [0, 1] pixel units, > 0.
         model: the classifier whose prediction must be kept, or None to skip the label check. Default None.
@@ -34,8 +38,13 @@ class GaussianNoise:
     def __init__(self, epsilon: float, model: nn.Module | None = None) -> None:
         self.epsilon = check_epsilon(epsilon)
         self.model = model
+        self.last_gradient_evaluations: int | None = None
+        self.last_sample_gradient_evaluations: Tensor | None = None
+        self.last_displacement: Tensor | None = None
 
-    def perturb(self, inputs: Tensor, target: int | Tensor, seeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def perturb(
+        self, inputs: Tensor, target: int | Tensor, seeds: Tensor | None = None, initial: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Perturb a batch of images.
 
         Args:
@@ -43,12 +52,15 @@ class GaussianNoise:
             target: unused (the noise does not depend on the class); kept so every attack has the same call.
             seeds: ``None`` or a ``(B,)`` integer tensor, one seed per sample; ``None`` draws them from torch's
                 global RNG.
+            initial: unused (nothing is solved); kept so every attack has the same call.
 
         Returns:
             ``(noisy_inputs, moved_mask)``, the second a ``(B,)`` bool tensor, True where the sample changed.
         """
         check_images(inputs)
         seeds = resolve_seeds(seeds, inputs.shape[0])
+        self.last_sample_gradient_evaluations = torch.zeros(inputs.shape[0], dtype=torch.long)
+        self.last_gradient_evaluations = 0
         clean = inputs.detach()
         # One generator per sample (a loop over noise draws, not over the model) keeps sample i's noise a
         # function of seeds[i] alone.

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mglightning.attacks._common import check_epsilon, check_images, predict, project_to_ball, resolve_seeds
-from mglightning.explainers import build_explainer
+from mglightning.explainers import MoreauGrad, build_explainer
 from mglightning.metrics import topk_count, topk_mask
 
 SURROGATE_CHOICES = ("self", "simple_gradient")
@@ -50,6 +50,23 @@ class TopKInterpretationAttack:
     The sign step needs ``D`` to have a gradient: a map that is piecewise constant in the input (the simple
     gradient of a ReLU network) gives a zero step and leaves samples unmoved; attack softplus networks.
 
+    **Cost.** After each :meth:`perturb`, :attr:`last_sample_gradient_evaluations` (``(B,)`` long CPU tensor)
+    and :attr:`last_gradient_evaluations` (their sum) hold the model input rows that the attack's
+    ``num_steps + 1`` map evaluations sent through a forward+backward (the sum of the differentiated explainer's
+    own counts). Not included: the backward through each differentiated map (one more pass per row of the map's
+    graph, i.e. per sample for the simple gradient and the MoreauGrad surrogate) and the label checks
+    (forward-only, one row per sample and iterate).
+
+    **Warm starts** (``warm_start=True``; only the MoreauGrad family has a solver to warm-start, the option does
+    nothing for other methods): each step's Moreau solve starts from the previous step's solution
+    (``initial=``), the first from ``perturb(..., initial=d)`` if given (the clean map's solution, e.g.
+    ``explainer.last_displacement`` after ``explainer.attribute(inputs, target, seeds=seeds)``), and
+    :attr:`last_displacement` holds, per sample, the solution at the returned input: at the chosen iterate, or
+    at the clean input for samples not moved. Passing it as ``initial`` to the attacked map's solve (same seeds)
+    starts that solve at its own solution, so with the explainer's ``tol`` it stops after one window. With the
+    explainer's ``tol`` the warm-started solves stop early; without it they run all their steps from a better
+    start. The default is a cold start for every solve (the paper's procedure).
+
     Args:
         explainer: an mglightning explainer (``model``, ``score``, ``attribute``, ``supports_create_graph``,
             ``surrogate``), e.g. from :func:`mglightning.explainers.build_explainer`.
@@ -59,6 +76,7 @@ class TopKInterpretationAttack:
         topk_fraction: share of the clean map's non-zero entries in ``K``, in (0, 1]. Default 0.4.
         surrogate: ``"self"`` (the explainer's own differentiable map, or its declared surrogate) or
             ``"simple_gradient"``. Default ``"self"``.
+        warm_start: start each MoreauGrad solve from the previous step's solution. Default False (cold starts).
 
     Example:
         >>> from mglightning.explainers import SimpleGradient
@@ -67,8 +85,18 @@ class TopKInterpretationAttack:
         >>> attack = TopKInterpretationAttack(SimpleGradient(model), epsilon=0.5, num_steps=5)
         >>> inputs = torch.rand(4, 3, 4, 4)
         >>> adversarial, moved = attack.perturb(inputs, target=model(inputs).argmax(dim=1))
-        >>> adversarial.shape, moved.shape, attack.surrogate_name
-        (torch.Size([4, 3, 4, 4]), torch.Size([4]), 'self')
+        >>> adversarial.shape, moved.shape, attack.surrogate_name, attack.last_gradient_evaluations
+        (torch.Size([4, 3, 4, 4]), torch.Size([4]), 'self', 24)
+
+        Warm-started MoreauGrad, clean map and attacked map included (the fast evaluation preset):
+
+        >>> from mglightning.explainers import MoreauGrad
+        >>> target, seeds = model(inputs).argmax(dim=1), torch.arange(4)
+        >>> explainer = MoreauGrad(model, noise_std=0.1, noise_samples=8, tol=0.03, tol_window=10)
+        >>> clean_map = explainer.attribute(inputs, target, seeds=seeds)
+        >>> attack = TopKInterpretationAttack(explainer, epsilon=0.5, warm_start=True)
+        >>> adversarial, moved = attack.perturb(inputs, target, seeds=seeds, initial=explainer.last_displacement)
+        >>> attacked_map = explainer.attribute(adversarial, target, seeds=seeds, initial=attack.last_displacement)
     """
 
     def __init__(
@@ -79,6 +107,7 @@ class TopKInterpretationAttack:
         step_size: float | None = None,
         topk_fraction: float = 0.4,
         surrogate: str = "self",
+        warm_start: bool = False,
     ) -> None:
         required = ("model", "score", "attribute", "supports_create_graph", "surrogate")
         missing = [name for name in required if not hasattr(explainer, name)]
@@ -107,14 +136,27 @@ class TopKInterpretationAttack:
             raise ValueError(f"`topk_fraction` must be a number in (0, 1], got {topk_fraction!r}.")
         if surrogate not in SURROGATE_CHOICES:
             raise ValueError(f"`surrogate` must be one of {', '.join(SURROGATE_CHOICES)}; got {surrogate!r}.")
+        if not isinstance(warm_start, bool):
+            raise ValueError(f"`warm_start` must be True or False, got {warm_start!r}.")
         self.explainer = explainer
         self.model = explainer.model
         self.num_steps = num_steps
         self.step_size = float(step_size)
         self.topk_fraction = float(topk_fraction)
         self.differentiated_explainer, self.surrogate_name = _resolve_surrogate(explainer, surrogate)
+        self.warm_start = warm_start
+        self.last_gradient_evaluations: int | None = None
+        self.last_sample_gradient_evaluations: Tensor | None = None
+        self.last_displacement: Tensor | None = None
 
-    def perturb(self, inputs: Tensor, target: int | Tensor, seeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    @property
+    def warm_starts(self) -> bool:
+        """Whether the solves are warm-started: ``warm_start`` is set and the differentiated map has a solver."""
+        return self.warm_start and isinstance(self.differentiated_explainer, MoreauGrad)
+
+    def perturb(
+        self, inputs: Tensor, target: int | Tensor, seeds: Tensor | None = None, initial: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Attack a batch of images.
 
         Args:
@@ -122,6 +164,9 @@ class TopKInterpretationAttack:
             target: the class explained, an int or a ``(B,)`` long tensor (usually the clean prediction).
             seeds: ``None`` or a ``(B,)`` integer tensor, passed to the explainer at every step; ``None`` draws
                 one seed per sample from torch's global RNG.
+            initial: with warm starts, the ``(B, C, H, W)`` displacement to start the first solve (at the clean
+                inputs) from, e.g. the clean map's ``explainer.last_displacement`` with the same seeds; ignored
+                without warm starts. Default None (the first solve starts cold).
 
         Returns:
             ``(adversarial_inputs, moved_mask)``: the best eligible iterate per sample (detached, within the
@@ -130,12 +175,25 @@ class TopKInterpretationAttack:
         """
         check_images(inputs)
         seeds = resolve_seeds(seeds, inputs.shape[0])
+        if not self.warm_starts:
+            initial = None
+        elif initial is not None and (not isinstance(initial, Tensor) or initial.shape != inputs.shape):
+            shape = tuple(initial.shape) if isinstance(initial, Tensor) else type(initial).__name__
+            raise ValueError(
+                f"`initial` must be a displacement shaped like inputs {tuple(inputs.shape)} (the clean map's "
+                f"explainer.last_displacement), got {shape}."
+            )
         with torch.enable_grad():
-            return self._perturb(inputs.detach().clone(), target, seeds)
+            return self._perturb(inputs.detach().clone(), target, seeds, initial)
 
-    def _objective(self, iterate: Tensor, target: int | Tensor, seeds: Tensor, topk: Tensor | None):
+    def _objective(
+        self, iterate: Tensor, target: int | Tensor, seeds: Tensor, topk: Tensor | None, initial: Tensor | None
+    ):
         """``D(iterate)`` per sample with its graph, and the top-k mask (computed here on the first call)."""
-        attribution = self.differentiated_explainer.attribute(iterate, target, seeds=seeds, create_graph=True)
+        explainer = self.differentiated_explainer
+        warm = {"initial": initial} if initial is not None else {}
+        attribution = explainer.attribute(iterate, target, seeds=seeds, create_graph=True, **warm)
+        self.last_sample_gradient_evaluations += explainer.last_sample_gradient_evaluations
         magnitudes = attribution.abs().flatten(1)
         if topk is None:
             clean_map = attribution.detach()
@@ -143,20 +201,30 @@ class TopKInterpretationAttack:
         total = magnitudes.sum(dim=1).clamp_min(torch.finfo(magnitudes.dtype).tiny)
         return (magnitudes * topk).sum(dim=1) / total, topk
 
-    def _perturb(self, clean: Tensor, target: int | Tensor, seeds: Tensor) -> tuple[Tensor, Tensor]:
+    def _perturb(
+        self, clean: Tensor, target: int | Tensor, seeds: Tensor, initial: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         clean_prediction = predict(self.model, clean)
         best = clean.clone()
         best_objective = torch.full((clean.shape[0],), math.inf, dtype=clean.dtype, device=clean.device)
         moved = torch.zeros(clean.shape[0], dtype=torch.bool, device=clean.device)
         iterate, topk = clean.clone(), None
+        self.last_sample_gradient_evaluations = torch.zeros(clean.shape[0], dtype=torch.long)
+        self.last_displacement = best_displacement = None
         for step in range(self.num_steps + 1):
             iterate.requires_grad_(True)
-            objective, topk = self._objective(iterate, target, seeds, topk)
+            objective, topk = self._objective(iterate, target, seeds, topk, initial)
+            if self.warm_starts:
+                initial = self.differentiated_explainer.last_displacement
+                if best_displacement is None:  # the solution at the clean input, for samples never moved
+                    best_displacement = initial.clone()
             keeps_class = predict(self.model, iterate.detach()) == clean_prediction
             improved = keeps_class & (objective.detach() < best_objective)
             best[improved] = iterate.detach()[improved]
             best_objective[improved] = objective.detach()[improved]
             moved[improved] = step > 0  # step 0 is the clean input itself
+            if best_displacement is not None:
+                best_displacement[improved] = initial[improved]
             if step == self.num_steps:
                 break
             gradient = torch.zeros_like(iterate)
@@ -165,4 +233,6 @@ class TopKInterpretationAttack:
                 if step_gradient is not None:
                     gradient = step_gradient
             iterate = project_to_ball(iterate.detach() - self.step_size * gradient.sign(), clean, self.epsilon)
+        self.last_gradient_evaluations = int(self.last_sample_gradient_evaluations.sum())
+        self.last_displacement = best_displacement
         return best, moved

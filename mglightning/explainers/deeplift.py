@@ -8,6 +8,7 @@ from captum.attr import DeepLift as CaptumDeepLift
 from torch import Tensor, nn
 
 from mglightning.explainers.base import Explainer
+from mglightning.explainers.gradients import record_gradient_evaluations
 
 
 class DeepLift(Explainer):
@@ -28,6 +29,8 @@ class DeepLift(Explainer):
     """
 
     name = "deeplift"
+    display_name = "DeepLIFT"
+    family = "propagation"
     supports_create_graph = False
     surrogate = "simple_gradient"
 
@@ -43,6 +46,8 @@ class DeepLift(Explainer):
             warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
             inputs = inputs.detach().clone().requires_grad_(True)
             attributions = CaptumDeepLift(network).attribute(inputs, target=target)
+        # Captum runs one forward+backward on the inputs and their baselines, concatenated.
+        record_gradient_evaluations(self, inputs.shape[0], 2)
         return attributions.detach()
 
 

@@ -17,6 +17,19 @@ from mglightning.explainers.base import (
 )
 
 
+def record_gradient_evaluations(explainer: Explainer, batch: int, per_sample: int) -> None:
+    """Set `explainer.last_gradient_evaluations` (int) and `last_sample_gradient_evaluations` (`(B,)` long, CPU)
+    for a call that sent `per_sample` model input rows of each of its `batch` samples through a forward+backward.
+
+    Example:
+        >>> record_gradient_evaluations(explainer, batch=4, per_sample=50)   # e.g. SmoothGrad, nt_samples=50
+        >>> explainer.last_gradient_evaluations
+        200
+    """
+    explainer.last_sample_gradient_evaluations = torch.full((batch,), per_sample, dtype=torch.long)
+    explainer.last_gradient_evaluations = batch * per_sample
+
+
 class SimpleGradient(Explainer):
     """Simple gradient `grad f_c(x)` (Simonyan et al. 2013; paper eq. 2), Captum's `Saliency(abs=False)`.
 
@@ -29,9 +42,12 @@ class SimpleGradient(Explainer):
     """
 
     name = "simple_gradient"
+    display_name = "Simple gradient"
+    family = "gradient"
 
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
         points = graph_inputs(inputs) if create_graph else inputs
+        record_gradient_evaluations(self, inputs.shape[0], 1)
         return self._objective(target).gradient(points, create_graph=create_graph)
 
 
@@ -53,6 +69,8 @@ class IntegratedGradients(Explainer):
     """
 
     name = "integrated_gradients"
+    display_name = "Integrated gradients"
+    family = "gradient"
 
     def __init__(
         self, model: nn.Module, n_steps: int = 50, internal_batch_size: int | None = 256, score: str = "logit"
@@ -76,6 +94,7 @@ class IntegratedGradients(Explainer):
             points = alphas.view(-1, 1, 1, 1) * inputs[sample_index]
             gradients = objective.gradient(points, sample_index, create_graph=create_graph)
             summed = summed.index_add(0, sample_index, gradients)
+        record_gradient_evaluations(self, inputs.shape[0], steps)
         return inputs * summed / steps
 
 
@@ -98,6 +117,8 @@ class SmoothGrad(Explainer):
     """
 
     name = "smoothgrad"
+    display_name = "SmoothGrad"
+    family = "smoothing"
 
     def __init__(
         self,
@@ -133,6 +154,7 @@ class SmoothGrad(Explainer):
             create_graph=create_graph,
             transform=transform,
         )
+        record_gradient_evaluations(self, inputs.shape[0], self.nt_samples)
         return summed / self.nt_samples
 
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
@@ -151,8 +173,8 @@ def sparsify_magnitudes(gradients: Tensor, flatten: float, l0: float) -> Tensor:
     magnitudes = gradients.abs().flatten(1)
     size = magnitudes.shape[1]
     cap = magnitudes.topk(max(1, int(flatten * size)), dim=1).values[:, -1:]
-    # A zero gradient stays zero instead of becoming 0/0.
-    capped = torch.where(cap > 0, torch.minimum(magnitudes, cap) / cap.clamp_min(torch.finfo(cap.dtype).tiny), 0.0)
+    # A zero gradient stays zero instead of becoming 0/0; a NaN gradient stays NaN (never silently zero).
+    capped = torch.where(cap == 0, 0.0, torch.minimum(magnitudes, cap) / cap)
     kept = torch.sort(capped, dim=1, descending=True, stable=True).indices[:, : max(1, int(l0 * size))]
     sparse = torch.zeros_like(capped).scatter(1, kept, capped.gather(1, kept))
     return sparse.view_as(gradients)
@@ -181,6 +203,8 @@ class SparsifiedSmoothGrad(SmoothGrad):
     """
 
     name = "sparsified_smoothgrad"
+    display_name = "Sparsified SmoothGrad"
+    family = "smoothing"
     supports_create_graph = False
     surrogate = "simple_gradient"
 

@@ -73,10 +73,33 @@ class MoreauGrad(Explainer):
     optimised at once with per-sample targets, no graph is kept between steps, and the noisy copies are
     evaluated in chunks of at most `internal_batch_size` rows. Sample `i`'s noise comes from `seeds[i]` only.
 
-    Beyond the paper: `tol` stops a sample once its step moves the displacement `d = z - x` by less than
-    `tol * ||d||` (a stopped sample costs no more model evaluations) and `accelerate=True` adds FISTA momentum
-    (with adaptive restart) to the same proximal steps. After each call `last_iterations` (`(B,)` long tensor)
-    and `last_gradient_evaluations` (model input rows through a forward+backward) say what the solve cost.
+    Beyond the paper:
+
+    - **Warm starts**: `attribute(..., initial=d_0)` starts sample `i` from `z_0 = x + d_0[i]` instead of `x`
+      (e.g. the `last_displacement` of a solve at a nearby input); the solution does not depend on the start,
+      only the steps needed to reach it.
+    - **Early stopping** (`tol`): the iterates are grouped in windows of `W` consecutive steps (`W = tol_window`
+      in regularised mode, `W = 1` in plain mode) and `m_k` is the mean displacement `d = z - x` over window `k`;
+      `m_0` is the starting displacement (0, or `initial`). A sample has converged after window `k` when
+      `||m_k - m_{k-1}|| <= tol * ||m_k||`, and then costs no more model evaluations. In plain mode this is "a
+      step moved `d` by less than `tol * ||d||`"; in regularised mode the fresh noise moves every single step,
+      and the window means average that jitter out, so `tol` must lie above the jitter of the window means
+      (about 1% for 2 noise copies and `W = 10` on the digits ResNet; it falls with more copies). A warm start at
+      the solution stops after one window (one step in plain mode). The map is still the last iterate's, as in
+      Algorithm 1; the windows only decide when to stop.
+    - **FISTA momentum** (`accelerate=True`, with adaptive restart) on the same proximal steps. It pays in plain
+      mode; in regularised mode the momentum carries the noise along and `tol` rarely triggers (measured in
+      docs/benchmarks.md), so leave it off there.
+    - **Mixed precision and memory format** (`autocast`, `channels_last`): the solver's model passes run in
+      bfloat16 autocast and/or the channels-last layout, while the displacement and its updates stay in the
+      inputs' dtype (float32). The attack's differentiable map (`create_graph=True`) is always computed at
+      full precision.
+
+    After each call: `last_displacement` (`(B, C, H, W)`, the solution `d = z* - x`, detached: pass it as
+    `initial` to warm-start the next solve), `last_iterations` (`(B,)` long tensor), and
+    `last_gradient_evaluations` / `last_sample_gradient_evaluations` (model input rows through a
+    forward+backward, in total and per sample as a `(B,)` long CPU tensor: steps x noise copies, plus one row for
+    the differentiable map).
 
     Args:
         model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
@@ -89,17 +112,27 @@ class MoreauGrad(Explainer):
             uses 101); 0 (default) is Algorithm 1's output. Needs a fixed step count, so not with `tol`.
         internal_batch_size: the most model inputs per forward/backward; `None` evaluates all at once
             (default 256).
-        tol: relative stopping tolerance, or `None` (default) to run all `num_steps`.
+        tol: relative stopping tolerance on the window means, or `None` (default) to run all `num_steps`.
+        tol_window: steps per window `W` of the stopping rule in regularised mode (default 10); plain mode
+            compares single steps.
         accelerate: use FISTA momentum (default False).
+        autocast: run the solver's forward/backward passes under bfloat16 autocast (default False: float32 maps
+            are the reference; bfloat16 moves them by a fraction of a percent, see docs/benchmarks.md).
+        channels_last: feed the solver's model passes in the channels-last memory format (default False; same
+            maps to float rounding, faster convolutions on most GPUs, see docs/benchmarks.md).
         score: `logit` (default), `log_softmax` or `softmax`.
 
     Example:
-        >>> explainer = MoreauGrad(model, rho=1.0, step_size=0.1, num_steps=300)
+        >>> explainer = MoreauGrad(model, rho=1.0, step_size=0.1, num_steps=300, tol=1e-2)
         >>> attr = explainer.attribute(images, target=labels, seeds=torch.arange(len(images)))
-        >>> explainer.last_iterations            # tensor([300, 300, ...])
+        >>> explainer.last_iterations            # e.g. tensor([120, 90, ...])
+        >>> nearby = explainer.attribute(images + 1e-3, labels, seeds=torch.arange(len(images)),
+        ...                              initial=explainer.last_displacement)   # fewer steps
     """
 
     name = "moreaugrad"
+    display_name = "MoreauGrad"
+    family = "moreaugrad"
 
     def __init__(
         self,
@@ -112,7 +145,10 @@ class MoreauGrad(Explainer):
         average_last: int = 0,
         internal_batch_size: int | None = 256,
         tol: float | None = None,
+        tol_window: int = 10,
         accelerate: bool = False,
+        autocast: bool = False,
+        channels_last: bool = False,
         score: str = "logit",
     ) -> None:
         super().__init__(model, score)
@@ -137,8 +173,10 @@ class MoreauGrad(Explainer):
                 raise ValueError(
                     f"{owner}: average_last needs a fixed number of steps; use either tol or average_last, not both."
                 )
-        if not isinstance(accelerate, bool):
-            raise ValueError(f"{owner}: accelerate must be True or False, got {accelerate!r}.")
+        check_positive_int(owner, "tol_window", tol_window)
+        for flag, value in (("accelerate", accelerate), ("autocast", autocast), ("channels_last", channels_last)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{owner}: {flag} must be True or False, got {value!r}.")
         self.rho = rho
         self.step_size = step_size
         self.num_steps = num_steps
@@ -147,13 +185,57 @@ class MoreauGrad(Explainer):
         self.average_last = average_last
         self.internal_batch_size = internal_batch_size
         self.tol = tol
+        self.tol_window = tol_window
         self.accelerate = accelerate
+        self.autocast = autocast
+        self.channels_last = channels_last
+        self.last_displacement: Tensor | None = None
         self.last_iterations: Tensor | None = None
         self.last_gradient_evaluations: int | None = None
+        self.last_sample_gradient_evaluations: Tensor | None = None
+        self._initial: Tensor | None = None
 
     @property
     def uses_noise(self) -> bool:
         return self.noise_std > 0
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: int | Tensor,
+        *,
+        seeds: Tensor | None = None,
+        create_graph: bool = False,
+        initial: Tensor | None = None,
+    ) -> Tensor:
+        """Attribute each sample's class score to its input pixels (see `Explainer.attribute`).
+
+        Args:
+            inputs, target, seeds, create_graph: as in `Explainer.attribute`.
+            initial: `(B, C, H, W)` starting displacement `d_0 = z_0 - x` per sample (a warm start), e.g. the
+                `last_displacement` of a solve at nearby inputs with the same seeds; `None` (default) starts
+                from `z_0 = x` as Algorithm 1 does.
+
+        Returns:
+            The signed map `(x - z*) / rho` (or, with `create_graph=True`, the attack's surrogate map).
+        """
+        if initial is not None:
+            check_inputs(inputs)
+            if not isinstance(initial, Tensor) or initial.shape != inputs.shape:
+                shape = tuple(initial.shape) if isinstance(initial, Tensor) else type(initial).__name__
+                raise ValueError(
+                    f"{type(self).__name__}: initial must be a displacement shaped like inputs {tuple(inputs.shape)} "
+                    f"(e.g. last_displacement of a call on a batch of the same shape), got {shape}."
+                )
+            if not initial.is_floating_point() or not torch.isfinite(initial).all():
+                raise ValueError(f"{type(self).__name__}: initial must be a finite floating tensor.")
+            initial = initial.detach().to(device=inputs.device, dtype=inputs.dtype)
+        # The shared validation in Explainer.attribute passes no extra arguments to _attribute: hold it for the call.
+        self._initial = initial
+        try:
+            return super().attribute(inputs, target, seeds=seeds, create_graph=create_graph)
+        finally:
+            self._initial = None
 
     def _prox(self, displacement: Tensor, step: float) -> Tensor:
         """The proximal step of the penalty; MoreauGrad has none."""
@@ -164,10 +246,12 @@ class MoreauGrad(Explainer):
 
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
         self._check_shape(inputs)
-        objective = self._objective(target)
-        displacement = self._solve(inputs.detach(), objective, seeds)
+        displacement = self._solve(inputs.detach(), target, seeds)
+        self.last_displacement = displacement
         if not create_graph:
             return -displacement / self.rho
+        # The differentiable map is one more forward+backward per sample.
+        self.last_sample_gradient_evaluations += 1
         self.last_gradient_evaluations += inputs.shape[0]
         return moreau_surrogate(self.model, inputs, displacement, target, self.score)
 
@@ -184,21 +268,29 @@ class MoreauGrad(Explainer):
             std=self.noise_std,
             chunk_size=self.internal_batch_size,
         )
-        self.last_gradient_evaluations += points.shape[0] * copies
         return summed / copies
 
-    def _solve(self, inputs: Tensor, objective: ClassScore, seeds: Tensor | None) -> Tensor:
+    def _solve(self, inputs: Tensor, target: Tensor, seeds: Tensor | None) -> Tensor:
         """Proximal gradient descent on `d = z - x` for the whole batch; returns the final (or averaged) `d`."""
         batch = inputs.shape[0]
+        model = self.model
+        if self.autocast or self.channels_last:
+            model = _SolverPasses(model, self.autocast, self.channels_last)
+        objective = ClassScore(model, self.score, target)
         generators = sample_generators(seeds) if self.uses_noise else None
+        copies = self.noise_samples if self.uses_noise else 1
         step = self.step_size
-        displacement = torch.zeros_like(inputs)
-        extrapolated = torch.zeros_like(inputs) if self.accelerate else None  # FISTA's point y
+        displacement = torch.zeros_like(inputs) if self._initial is None else self._initial.clone()
+        extrapolated = displacement.clone() if self.accelerate else None  # FISTA's point y
         momentum_t = torch.ones(batch, dtype=inputs.dtype, device=inputs.device)
         averaged = torch.zeros_like(inputs) if self.average_last else None
         iterations = torch.full((batch,), self.num_steps, dtype=torch.long)
         active = torch.arange(batch, device=inputs.device)
-        self.last_gradient_evaluations = 0
+        # The stopping rule's window means: m_0 is the start, each window of W steps is summed and compared.
+        window = self.tol_window if self.uses_noise else 1
+        if self.tol is not None:
+            previous_mean = displacement.clone()
+            window_sum = torch.zeros_like(inputs)
 
         for iteration in range(self.num_steps):
             if self.tol is None:  # every sample takes every step: whole tensors, no gathers, no syncs
@@ -224,8 +316,17 @@ class MoreauGrad(Explainer):
             momentum_t[active] = t
             if self.accelerate:
                 extrapolated[active] = next_start
-            moved = torch.linalg.vector_norm((updated - current).flatten(1), dim=1)
-            converged = moved <= self.tol * torch.linalg.vector_norm(updated.flatten(1), dim=1)
+            if window == 1:  # the plain mode's window is the step itself: skip the sums
+                mean = updated
+            else:
+                window_sum[active] += updated
+                if (iteration + 1) % window:
+                    continue
+                mean = window_sum[active] / window
+                window_sum[active] = 0
+            moved = torch.linalg.vector_norm((mean - previous_mean[active]).flatten(1), dim=1)
+            converged = moved <= self.tol * torch.linalg.vector_norm(mean.flatten(1), dim=1)
+            previous_mean[active] = mean
             if converged.any():
                 iterations[active[converged].cpu()] = iteration + 1
                 active = active[~converged]
@@ -233,9 +334,31 @@ class MoreauGrad(Explainer):
                     break
 
         self.last_iterations = iterations
+        self.last_sample_gradient_evaluations = iterations * copies
+        self.last_gradient_evaluations = int(self.last_sample_gradient_evaluations.sum())
         if averaged is not None:
             return averaged / self.average_last
         return displacement
+
+
+class _SolverPasses(nn.Module):
+    """The model as the solver calls it: inputs in channels-last layout and/or the forward under bfloat16 autocast.
+
+    The scores come back in float32, so the score selection, the gradients with respect to the (float32) points
+    and everything the solver accumulates stay at full precision.
+    """
+
+    def __init__(self, model: nn.Module, autocast: bool, channels_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.autocast = autocast
+        self.channels_last = channels_last
+
+    def forward(self, points: Tensor) -> Tensor:
+        if self.channels_last:
+            points = points.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(points.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.model(points).float()
 
 
 def _fista_extrapolation(start: Tensor, current: Tensor, updated: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -261,7 +384,7 @@ class SparseMoreauGrad(MoreauGrad):
 
     Args:
         model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            accelerate, score: as in `MoreauGrad`.
+            tol_window, accelerate, autocast, channels_last, score: as in `MoreauGrad`.
         eta: L1 coefficient `eta >= 0` (default 5e-3, the official code's).
 
     Example:
@@ -269,6 +392,8 @@ class SparseMoreauGrad(MoreauGrad):
     """
 
     name = "sparse_moreaugrad"
+    display_name = "Sparse MoreauGrad"
+    family = "moreaugrad"
 
     def __init__(
         self,
@@ -282,12 +407,15 @@ class SparseMoreauGrad(MoreauGrad):
         average_last: int = 0,
         internal_batch_size: int | None = 256,
         tol: float | None = None,
+        tol_window: int = 10,
         accelerate: bool = False,
+        autocast: bool = False,
+        channels_last: bool = False,
         score: str = "logit",
     ) -> None:
         super().__init__(
             model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            accelerate, score,
+            tol_window, accelerate, autocast, channels_last, score,
         )
         check_number(type(self).__name__, "eta", eta, positive=False)
         self.eta = eta
@@ -304,7 +432,7 @@ class GroupSparseMoreauGrad(MoreauGrad):
 
     Args:
         model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            accelerate, score: as in `MoreauGrad`.
+            tol_window, accelerate, autocast, channels_last, score: as in `MoreauGrad`.
         eta: group-norm coefficient `eta >= 0` (default 5e-2, the official code's).
         group_size: block side; must divide the image height and width (default 14, for 224x224 images; use
             e.g. 4 or 8 for 32x32).
@@ -314,6 +442,8 @@ class GroupSparseMoreauGrad(MoreauGrad):
     """
 
     name = "group_sparse_moreaugrad"
+    display_name = "Group-sparse MoreauGrad"
+    family = "moreaugrad"
 
     def __init__(
         self,
@@ -328,12 +458,15 @@ class GroupSparseMoreauGrad(MoreauGrad):
         average_last: int = 0,
         internal_batch_size: int | None = 256,
         tol: float | None = None,
+        tol_window: int = 10,
         accelerate: bool = False,
+        autocast: bool = False,
+        channels_last: bool = False,
         score: str = "logit",
     ) -> None:
         super().__init__(
             model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            accelerate, score,
+            tol_window, accelerate, autocast, channels_last, score,
         )
         owner = type(self).__name__
         check_number(owner, "eta", eta, positive=False)
@@ -341,9 +474,9 @@ class GroupSparseMoreauGrad(MoreauGrad):
         self.eta = eta
         self.group_size = group_size
 
-    def _check_shape(self, inputs: Tensor) -> None:
+    def check_input_shape(self, shape: torch.Size) -> None:
         try:
-            check_group_size(inputs.shape, self.group_size)
+            check_group_size(shape, self.group_size)
         except ValueError as error:
             raise ValueError(f"{type(self).__name__}: {error}") from None
 

@@ -15,6 +15,7 @@ from mglightning.explainers.base import (
     chunk_ranges,
     sample_generators,
 )
+from mglightning.explainers.gradients import record_gradient_evaluations
 
 # Keeps log(1 - p) finite when the background score reaches 1 (the official code's constant).
 _LOG_EPS = 1e-7
@@ -49,6 +50,8 @@ class RelEx(Explainer):
     """
 
     name = "relex"
+    display_name = "RelEx"
+    family = "perturbation"
     supports_create_graph = False
     surrogate = "simple_gradient"
 
@@ -108,6 +111,8 @@ class RelEx(Explainer):
             norm = torch.linalg.vector_norm(gradient.flatten(1), dim=1).clamp_min(torch.finfo(mask.dtype).tiny)
             velocity = self.momentum * velocity + gradient / norm.view(-1, 1, 1, 1)
             mask = (mask - self.lr * velocity).clamp(0, 1)
+        # Every step sends each noisy copy through the model twice (masked and inverse-masked).
+        record_gradient_evaluations(self, batch, self.num_steps * 2 * self.noise_samples)
         return mask.expand_as(inputs).clone()
 
     def _loss_gradient(

@@ -1,0 +1,127 @@
+"""Gradient evaluations per image of every method under the evaluation configs: what a GPU run will cost.
+
+For each `configs/eval_*.yaml` (or the configs given) and each explainer in it, it builds the explainer with the
+config's settings on a tiny softplus model and runs, for one image and the config's attack settings, exactly
+what the evaluator runs: the clean map, the top-k attack (`attack_steps + 1` evaluations of the differentiated
+map, or of its surrogate) and the attacked map, and reads the explainers' and the attack's own counters
+(`last_sample_gradient_evaluations`: model input rows through a forward+backward). The counts depend on the
+settings only, not on the model or the image size, as long as the settings have no `tol` (the paper-faithful
+configs have none; with `tol` the counts depend on the model: measure them with benchmarks/attack_cost.py).
+
+Multiply by the images and budgets of a run and divide by a GPU's model rows per second
+(benchmarks/solver_precision.py measures it) to plan the run.
+
+Examples:
+  python benchmarks/gradient_budget.py                              # all configs/eval_*.yaml, a markdown table
+  python benchmarks/gradient_budget.py configs/eval_cifar10.yaml --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from mglightning.attacks import TopKInterpretationAttack  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="*", help="evaluation configs (default: configs/eval_*.yaml)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of markdown tables")
+    return parser.parse_args(argv)
+
+
+def tiny_model(classes: int) -> nn.Module:
+    """A smooth one-channel classifier of any image size: the counts do not depend on the model."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.Softplus(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, classes)
+    ).eval()
+
+
+def explainer_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def config_budget(path: Path) -> dict:
+    """Per-image gradient evaluations of every explainer of one evaluation config."""
+    model_section = yaml.safe_load(path.read_text())["model"]
+    epsilons = model_section.get("epsilon", 1.0)
+    epsilons = epsilons if isinstance(epsilons, list) else [epsilons]
+    attack_steps = model_section.get("attack_steps", 10)
+    model = tiny_model(classes=3)
+    rows = {}
+    for label, entry in model_section["explainers"].items():
+        settings = dict(entry.get("init_args") or {})
+        explainer = explainer_class(entry["class_path"])(model, **settings)
+        size = settings.get("group_size", 4)  # the group-sparse method needs H and W divisible by its groups
+        image = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0))
+        target, seeds = torch.tensor([0]), torch.tensor([0])
+        explainer.attribute(image, target, seeds=seeds)
+        clean = int(explainer.last_sample_gradient_evaluations[0])
+        attack = TopKInterpretationAttack(
+            explainer, epsilons[0], num_steps=attack_steps, topk_fraction=model_section.get("topk_fraction", 0.4),
+            surrogate=model_section.get("surrogate", "self"),
+        )
+        adversarial, _ = attack.perturb(image, target, seeds=seeds)
+        attacked_cost = int(attack.last_sample_gradient_evaluations[0])
+        explainer.attribute(adversarial, target, seeds=seeds)
+        attacked_map = int(explainer.last_sample_gradient_evaluations[0])
+        per_budget = clean + attacked_cost + attacked_map
+        rows[label] = {
+            "settings": settings,
+            "attacked_through": attack.surrogate_name,
+            "clean_map": clean,
+            "attack": attacked_cost,
+            "attacked_map": attacked_map,
+            "per_budget": per_budget,
+            # The clean map is computed once per image, the attack and the attacked map once per budget.
+            "all_budgets": clean + len(epsilons) * (attacked_cost + attacked_map),
+        }
+    return {"config": str(path), "budgets": epsilons, "attack_steps": attack_steps, "methods": rows}
+
+
+def markdown(budgets: list[dict]) -> str:
+    lines = []
+    for budget in budgets:
+        count = len(budget["budgets"])
+        lines += [
+            f"**{budget['config']}** ({count} budget{'s' if count > 1 else ''}, {budget['attack_steps']} attack steps)",
+            "",
+            "| method | clean map | attack | attacked map | per image and budget | per image, all budgets |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for label, row in budget["methods"].items():
+            through = "" if row["attacked_through"] == "self" else f" (via {row['attacked_through']})"
+            lines.append(
+                f"| `{label}` | {row['clean_map']:,} | {row['attack']:,}{through} | {row['attacked_map']:,} "
+                f"| {row['per_budget']:,} | {row['all_budgets']:,} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    paths = [Path(p) for p in args.configs] or sorted((ROOT / "configs").glob("eval_*.yaml"))
+    budgets = [config_budget(path) for path in paths]
+    for budget in budgets:
+        budget["config"] = str(Path(budget["config"]).resolve().relative_to(ROOT))
+    print(json.dumps(budgets, indent=2) if args.json else markdown(budgets))
+    return budgets
+
+
+if __name__ == "__main__":
+    main()
