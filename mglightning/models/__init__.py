@@ -2,14 +2,18 @@
 
 from mglightning.models import resnet as _resnet  # noqa: F401  (registers the builders)
 from mglightning.models.layers import Normalize, make_activation
+from mglightning.models.loading import ClassifierSource, ImageClassifier, build_classifier
 from mglightning.models.registry import create_model, list_models, load_weights, register_model
 from mglightning.models.resnet import ResNet, resnet18
 from mglightning.models.timm_models import TimmClassifier
 
 __all__ = [
+    "ClassifierSource",
+    "ImageClassifier",
     "Normalize",
     "ResNet",
     "TimmClassifier",
+    "build_classifier",
     "create_model",
     "list_models",
     "load_weights",
