@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --progress-bar off -e ".[dev]"
 	touch $@
 
+# Training writes checkpoints/digits/version_<n>/ and links checkpoints/digits/last.ckpt to that run's last
+# checkpoint, so the evaluation below always gets the model just trained (tests/test_train.py checks it).
 demo: setup
 	$(BIN)/python train.py fit --config configs/digits.yaml
 	$(BIN)/python evaluate.py --config configs/eval_digits.yaml --ckpt_path checkpoints/digits/last.ckpt

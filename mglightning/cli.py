@@ -7,23 +7,25 @@ from typing import Optional, Union
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import Logger
 
+from mglightning.checkpointing import RunCheckpoint
 from mglightning.modules.classifier import ClassifierModule
 
 
 class TrainCLI(LightningCLI):
     """`python train.py fit --config configs/<name>.yaml`, with the data's shape linked into the model.
 
-    Adds two groups to the usual LightningCLI options: `checkpoint.*` (a `ModelCheckpoint`: best by `val/acc`
-    plus `last.ckpt`, under `checkpoints/<experiment>/`) and `test_after_fit` (evaluate the best checkpoint on
-    the test set when `fit` ends).
+    Adds two groups to the usual LightningCLI options: `checkpoint.*` (a `RunCheckpoint`: best by `val/acc` plus
+    `last.ckpt`, in a folder of their own per run, `checkpoints/<experiment>/version_<n>/`, with
+    `checkpoints/<experiment>/last.ckpt` and `best.ckpt` linked to the newest run's) and `test_after_fit`
+    (evaluate the best checkpoint on the test set when `fit` ends).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -42,18 +44,44 @@ class TrainCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         checkpoint = trainer.checkpoint_callback
+        # Read before testing: loading the best checkpoint for the test restores the callback's state as it was
+        # when that file was saved. Under ddp_spawn only the best path comes back to this process.
         best = checkpoint.best_model_path if checkpoint is not None else ""
+        last = checkpoint.last_model_path if checkpoint is not None else ""
         if self.config["fit"].get("test_after_fit") and not trainer.fast_dev_run:
             trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
         if trainer.is_global_zero:
-            lines = ["", "Training finished."]
-            if best:
-                lines.append(f"  best checkpoint: {best}")
-                lines.append(f"  last checkpoint: {Path(best).parent / 'last.ckpt'}")
-            if trainer.logger is not None and trainer.logger.log_dir:
-                lines.append(f"  TensorBoard logs: {trainer.logger.log_dir}")
-                lines.append(f"  view them with:   tensorboard --logdir {Path(trainer.logger.save_dir)}")
-            print("\n".join(lines), flush=True)
+            print("\n".join(self._summary_lines(best, last)), flush=True)
+
+    def _summary_lines(self, best: str, last: str) -> list[str]:
+        """Where this run's files are: the paths the checkpoint callback wrote (not guessed) and the logs."""
+        import sys
+
+        trainer = self.trainer
+        lines = ["", "Training finished."]
+        if best:
+            lines.append(f"  best checkpoint:  {_display(best)}")
+        if last:
+            lines.append(f"  last checkpoint:  {_display(last)}")
+        root = getattr(trainer.checkpoint_callback, "root_dirpath", None)
+        if root is not None and best and not trainer.interrupted:
+            links = ", ".join(_display(root / name) for name in RunCheckpoint.LINK_NAMES.values())
+            lines.append(f"  now linked from:  {links}")
+        if trainer.logger is not None and trainer.logger.log_dir:
+            tensorboard = Path(sys.executable).parent / "tensorboard"
+            command = _display(tensorboard) if tensorboard.is_file() else "tensorboard"
+            lines.append(f"  TensorBoard logs: {_display(trainer.logger.log_dir)}")
+            lines.append(f"  view them with:   {command} --logdir {_display(trainer.logger.save_dir)}")
+        return lines
+
+
+def _display(path: str | Path) -> str:
+    """`path` relative to the working directory when it lies below it (shorter, and what the README shows)."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def train_main(args: list[str] | None = None) -> TrainCLI:
@@ -133,6 +161,9 @@ class EvaluateCLI(LightningCLI):
             help="With --resume: discard the folder's records and results and evaluate from scratch.",
         )
         parser.epilog = explainer_settings_help()
+        # The classifier is built and checked against the data it is evaluated on.
+        for name in ("num_classes", "image_size", "in_chans", "mean", "std"):
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config

@@ -1,9 +1,11 @@
 """The training CLI as users drive it: `train.py fit --config ...` with overrides, through `cli_main(args)`."""
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import train
 from mglightning import load_classifier
@@ -50,6 +52,90 @@ def test_fit_writes_checkpoints_logs_and_reloads(tmp_path, capsys):
             correct += (model(images).argmax(1) == labels).sum().item()
             total += len(labels)
     assert correct / total == pytest.approx(cli.trainer.checkpoint_callback.best_model_score.item(), abs=1e-6)
+
+
+def printed_paths(output: str) -> dict[str, Path]:
+    """The `best checkpoint:`/`last checkpoint:` lines of the summary that training prints, as absolute paths."""
+    paths = {}
+    for line in output.splitlines():
+        label, _, value = line.strip().partition(":")
+        if label in ("best checkpoint", "last checkpoint"):
+            paths[label.split()[0]] = Path(value.strip()).absolute()
+    return paths
+
+
+def demo_checkpoint() -> tuple[Path, Path]:
+    """What `make demo` does: the training config it runs and the checkpoint it then evaluates."""
+    makefile = (CONFIGS.parent / "Makefile").read_text()
+    recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    train_config = re.search(r"train\.py fit --config (\S+)", recipe).group(1)
+    evaluated = re.search(r"evaluate\.py .*--ckpt_path (\S+)", recipe).group(1)
+    return Path(train_config), Path(evaluated)
+
+
+@pytest.mark.parametrize("logger", [True, False])
+def test_a_second_run_into_the_same_folder_is_the_one_printed_and_evaluated(tmp_path, capsys, logger):
+    # The demo evaluates `<checkpoint.dirpath of its training config>/last.ckpt`.
+    train_config, evaluated = demo_checkpoint()
+    dirpath = Path(yaml.safe_load((CONFIGS.parent / train_config).read_text())["checkpoint"]["dirpath"])
+    assert evaluated == dirpath / "last.ckpt"
+
+    logger_args = [] if logger else ["--trainer.logger", "false", "--trainer.callbacks", "[]"]  # no LR monitor
+    runs = []
+    for seed in (0, 1):  # two different models, so that a stale file cannot pass for the new one
+        cli = train.cli_main(tiny_digits_args(tmp_path, "--seed_everything", str(seed), *logger_args))
+        callback = cli.trainer.checkpoint_callback
+        printed = printed_paths(capsys.readouterr().out)
+        # (The final test reloads the best checkpoint and with it the callback's state of that time, so the last
+        # checkpoint is looked up in the run's folder.)
+        assert printed == {"best": Path(callback.best_model_path), "last": Path(callback.dirpath) / "last.ckpt"}
+        assert printed["best"].is_file() and printed["last"].is_file()
+        runs.append((printed, {k: v.clone() for k, v in cli.model.state_dict().items()}))
+
+    (first, _), (second, second_weights) = runs
+    assert first["last"].parent.name == "version_0" and second["last"].parent.name == "version_1"
+    assert first["last"].is_file(), "the first run's checkpoints are kept"
+    # What the demo's command evaluates, in this test's checkpoint folder: the second run's last checkpoint.
+    for link, printed in (("last.ckpt", second["last"]), ("best.ckpt", second["best"])):
+        assert (tmp_path / "ckpt" / link).resolve() == printed.resolve()
+    evaluated_weights = torch.load(tmp_path / "ckpt" / evaluated.name, weights_only=False)["state_dict"]
+    assert evaluated_weights.keys() == second_weights.keys()
+    for name, value in evaluated_weights.items():
+        torch.testing.assert_close(value, second_weights[name], rtol=0, atol=0)
+
+
+def test_links_fall_back_to_copies_where_symbolic_links_are_refused(tmp_path, monkeypatch):
+    from mglightning.checkpointing import _replace_with_link
+
+    (tmp_path / "version_0").mkdir()
+    (tmp_path / "version_0" / "last.ckpt").write_bytes(b"old")
+    (tmp_path / "version_1").mkdir()
+    (tmp_path / "version_1" / "last.ckpt").write_bytes(b"new")
+    _replace_with_link(tmp_path / "last.ckpt", tmp_path / "version_0" / "last.ckpt")
+    assert (tmp_path / "last.ckpt").is_symlink() and (tmp_path / "last.ckpt").read_bytes() == b"old"
+
+    def refuse(self, target):
+        raise OSError("symbolic links are not allowed here")
+
+    monkeypatch.setattr(Path, "symlink_to", refuse)
+    _replace_with_link(tmp_path / "last.ckpt", tmp_path / "version_1" / "last.ckpt")
+    assert not (tmp_path / "last.ckpt").is_symlink() and (tmp_path / "last.ckpt").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "version_0", "version_1"]
+
+
+@pytest.mark.slow  # 1 minute on 2 cores; test_fit_writes_checkpoints_logs_and_reloads runs the same path in seconds
+def test_the_quickstart_config_reaches_the_accuracy_the_readme_reports(tmp_path):
+    cli = train.cli_main(
+        [
+            "fit",
+            "--config", str(CONFIGS / "digits.yaml"),
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+            "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+        ]
+    )
+    # README: test accuracy 98.3% after the 8 epochs of `make demo`; other machines' arithmetic moves it a little.
+    assert cli.trainer.callback_metrics["test/acc"].item() >= 0.95
 
 
 def test_resume_from_checkpoint_continues_the_run(tmp_path):
