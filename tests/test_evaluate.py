@@ -86,6 +86,7 @@ def eval_args(checkpoint: Path, out: Path, *extra: str, explainers: str = CHEAP_
         "--model.attack_steps", "2",
         "--model.epsilon", "0.5",
         "--model.bootstrap_samples", "200",
+        "--model.convexity_iterations", "0",
         "--trainer.accelerator", "cpu",
         "--trainer.logger.init_args.save_dir", str(out),
         *extra,
@@ -113,7 +114,7 @@ def assert_same_results(first: dict, second: dict) -> None:
 
 
 def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
-    cli = evaluate.cli_main(eval_args(checkpoint, tmp_path))
+    cli = evaluate.cli_main(eval_args(checkpoint, tmp_path, "--model.convexity_iterations", "3"))
     run_dir = Path(cli.model.run_dir)
     for name in ("run.json", "results.json", "results.csv", "results.md", "robustness.png", "saliency_grid.png",
                  "fidelity.png"):
@@ -126,6 +127,8 @@ def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
         assert low <= row["topk"] <= high
         assert row["evals_clean"] >= 1
         assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1  # fidelity_steps in the config
+    for method in METHODS:  # the convexity diagnostic concerns the MoreauGrad family only
+        assert (results[method]["convex_share"] is not None) == ("moreaugrad" in method)
 
     records = read_records(run_dir)
     assert len(records) == 7 * len(METHODS)
@@ -420,9 +423,75 @@ def test_paired_comparison_says_which_side_is_robust():
     assert verdicts == {"distance": "more robust", "topk": "less robust", "ssim": "no clear difference"}
 
 
-@pytest.mark.parametrize("config", ["eval_digits.yaml", "eval_cifar10.yaml", "eval_tinyimagenet.yaml", "eval_imagenet.yaml"])
+@pytest.mark.parametrize("config", ["eval_digits.yaml", "eval_cifar10.yaml", "eval_tinyimagenet.yaml", "eval_imagenet.yaml", "eval_cifar10_fast.yaml", "eval_tinyimagenet_fast.yaml", "eval_imagenet_fast.yaml", "eval_patches.yaml"])
 def test_evaluation_configs_are_valid(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.cli_main(["--config", str(CONFIGS / config), "--print_config"])
     assert exit_info.value.code == 0
     assert "mglightning.explainers.GroupSparseMoreauGrad" in capsys.readouterr().out
+
+
+def test_warm_started_fast_preset_costs_less_and_agrees(checkpoint, tmp_path):
+    explainers = json.dumps(
+        {"moreaugrad": {"class_path": E + "MoreauGrad",
+                        "init_args": {"num_steps": 60, "noise_std": 0.0, "tol": 0.01, "tol_window": 1}}}
+    )
+    runs = {}
+    for warm in ("false", "true"):
+        out = tmp_path / warm
+        evaluate.cli_main(eval_args(checkpoint, out, "--model.warm_start", warm, "--model.max_samples", "4",
+                                    explainers=explainers))
+        runs[warm] = results_of(only_run(out))["moreaugrad"]
+    assert runs["true"]["evals_attack"] < runs["false"]["evals_attack"]
+    assert runs["true"]["evals_attacked"] < runs["false"]["evals_attacked"]
+    assert runs["true"]["topk"] == pytest.approx(runs["false"]["topk"], abs=0.05)
+
+
+def _synthetic_args(out: Path, classifier_yaml: Path) -> list[str]:
+    return [
+        "--config", str(CONFIGS / "eval_digits.yaml"), "--config", str(classifier_yaml),
+        "--data", "mglightning.data.SyntheticDataModule", "--data.init_args.num_classes", "3",
+        "--data.init_args.image_size", "16", "--data.init_args.batch_size", "4",
+        "--model.explainers", FEW_EXPLAINERS, "--model.max_samples", "4", "--model.attack_steps", "1",
+        "--model.bootstrap_samples", "50", "--model.convexity_iterations", "0", "--model.fidelity_steps", "2",
+        "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(out),
+    ]
+
+
+def test_any_classifier_form_is_evaluated_end_to_end(tmp_path):
+    """A registered architecture and a timm architecture with plain state dicts, and a user module by class_path:
+    each evaluated on synthetic data without a training step (timm's pretrained cache: tests/test_loading.py)."""
+    import timm
+
+    from mglightning.models import create_model
+
+    torch.manual_seed(0)
+    state_file = tmp_path / "resnet.pt"
+    torch.save(create_model("resnet18", num_classes=3, image_size=16, in_chans=3, width=4).state_dict(), state_file)
+    timm_file = tmp_path / "timm.pt"
+    torch.save(timm.create_model("resnet10t", num_classes=3, pretrained=False).state_dict(), timm_file)
+    forms = {
+        "state_dict": f"model:\n  classifier: {{arch: resnet18, weights: {state_file}, model_kwargs: {{width: 4}}}}\n",
+        "module": "model:\n  classifier:\n    module:\n      class_path: test_loading.TinyNet\n"
+                  "      init_args: {num_classes: 3}\n",
+        "timm_weights": f"model:\n  classifier: {{arch: timm/resnet10t, weights: {timm_file}}}\n",
+    }
+    for name, text in forms.items():
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(text)
+        out = tmp_path / name
+        evaluate.cli_main(_synthetic_args(out, config))
+        results = results_of(only_run(out))
+        assert set(results) == {"simple_gradient", "smoothgrad", "moreaugrad"}, name
+        assert results["simple_gradient"]["samples"] == 4, name
+
+
+def test_a_classifier_with_the_wrong_number_of_classes_is_refused(tmp_path):
+    from mglightning.models import create_model
+
+    state_file = tmp_path / "resnet.pt"
+    torch.save(create_model("resnet18", num_classes=5, image_size=16, in_chans=3, width=4).state_dict(), state_file)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  classifier: {{arch: resnet18, weights: {state_file}, model_kwargs: {{width: 4, num_classes: 5}}}}\n")
+    with pytest.raises(ValueError, match="5"):
+        evaluate.cli_main(_synthetic_args(tmp_path / "out", config))

@@ -34,7 +34,8 @@ from mglightning.metrics.functional import (
     _sparsity_update,
     _topk_intersection_update,
 )
-from mglightning.modules.classifier import load_classifier
+from mglightning.explainers.diagnostics import corollary_bound, local_convexity
+from mglightning.models.loading import ClassifierSource, build_classifier
 from mglightning.reporting import RecordWriter, load_run_info, recorded_indices, report
 from mglightning.reporting.results import atomic_write_text
 
@@ -60,7 +61,9 @@ class ExplanationEvaluator(pl.LightningModule):
     (`evaluate.py` does all this).
 
     Args:
-        classifier: the classifier: a checkpoint written by `train.py` (`mglightning.load_classifier`).
+        classifier: the classifier: a `train.py` checkpoint path, or a `ClassifierSource` (`{checkpoint}`,
+            `{arch: timm/<name>, pretrained: true}`, `{arch, weights}`, `{module: {class_path, init_args}}`;
+            `mglightning.models.build_classifier`), with the data's normalisation as its first layer.
         explainers: `{label: factory}`, each factory taking the model and returning an explainer, e.g. an
             explainer class or, in YAML, `{class_path: mglightning.explainers.MoreauGrad, init_args: {rho: 0.06}}`.
             The label names the method's results rows (several entries may use one class with other settings).
@@ -80,12 +83,20 @@ class ExplanationEvaluator(pl.LightningModule):
         fidelity_steps: with `n > 0`, the fidelity of every clean map to the model: the areas under the deletion
             and insertion curves of `n` steps (`mglightning.metrics.deletion_insertion_auc`; results columns
             `deletion_auc` ↓ and `insertion_auc` ↑, figure `fidelity.png`). 0 (default) skips it.
+        warm_start: start every MoreauGrad solve of the attack from the previous step's solution, and the attacked
+            map from the last attack iterate's (the fast preset, with `tol` in the explainers); default cold starts.
+        convexity_iterations: with `n > 0`, estimate per sample the weak convexity `lambda` of the explained score
+            by `n` power iterations on Hessian-vector products (`mglightning.explainers.diagnostics`), and record for
+            each MoreauGrad-family row whether `rho < 1 / lambda` (results column `convex share`) and Corollary 1's
+            bound. A local estimate, not a certificate. 0 (default) skips it.
         run_dir: the run folder; default the logger's folder (`trainer.log_dir`).
+        num_classes, image_size, in_chans, mean, std: the data's, for building and checking the classifier
+            (`evaluate.py` links them from the datamodule).
     """
 
     def __init__(
         self,
-        classifier: str | None,
+        classifier: ClassifierSource | str | None,
         explainers: dict[str, ExplainerFactory],
         epsilon: float | list[float] = 0.5,
         attack: Literal["topk", "gaussian"] = "topk",
@@ -99,7 +110,14 @@ class ExplanationEvaluator(pl.LightningModule):
         grid_samples: int = 4,
         bootstrap_samples: int = 1000,
         fidelity_steps: int = 0,
+        warm_start: bool = False,
+        convexity_iterations: int = 0,
         run_dir: str | None = None,
+        num_classes: int | None = None,
+        image_size: int | None = None,
+        in_chans: int | None = None,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
     ) -> None:
         super().__init__()
         if classifier is None:
@@ -131,9 +149,15 @@ class ExplanationEvaluator(pl.LightningModule):
         self.grid_samples = grid_samples
         self.bootstrap_samples = bootstrap_samples
         self.fidelity_steps = fidelity_steps
+        self.warm_start = bool(warm_start)
+        if isinstance(convexity_iterations, bool) or not isinstance(convexity_iterations, int) or convexity_iterations < 0:
+            raise ValueError(f"convexity_iterations must be an integer >= 0 (0 skips it), got {convexity_iterations!r}.")
+        self.convexity_iterations = convexity_iterations
         self.run_dir = Path(run_dir) if run_dir is not None else None
 
-        self.classifier = load_classifier(classifier)
+        self.classifier = build_classifier(
+            classifier, num_classes=num_classes, image_size=image_size, in_chans=in_chans, mean=mean, std=std
+        )
         # Explanations differentiate with respect to the inputs only; frozen weights skip their gradients.
         self.classifier.requires_grad_(False)
         self.explainers: dict[str, Explainer] = {}
@@ -157,7 +181,7 @@ class ExplanationEvaluator(pl.LightningModule):
             if attack == "topk":
                 self.attacks[row] = TopKInterpretationAttack(
                     self.explainers[label], epsilon=eps, num_steps=attack_steps, step_size=attack_step_size,
-                    topk_fraction=topk_fraction, surrogate=surrogate,
+                    topk_fraction=topk_fraction, surrogate=surrogate, warm_start=self.warm_start,
                 )
             else:
                 self.attacks[row] = GaussianNoise(eps, model=self.classifier)
@@ -250,7 +274,7 @@ class ExplanationEvaluator(pl.LightningModule):
         }
         evaluation = {
             "classifier": str(self.classifier_source),
-            "classifier_sha256": _file_sha256(self.classifier_source),
+            "classifier_sha256": _file_sha256(_weights_file(self.classifier_source)),
             "dataset": type(datamodule).__name__,
             "data_settings": data_settings,
             "test_set_size": len(datamodule.test_dataset),
@@ -262,6 +286,8 @@ class ExplanationEvaluator(pl.LightningModule):
             "target": self.target_kind,
             "seed": self.seed,
             "fidelity_steps": self.fidelity_steps,
+            "warm_start": self.warm_start,
+            "convexity_iterations": self.convexity_iterations,
         }
         fingerprint = hashlib.sha256(json.dumps(evaluation, sort_keys=True, default=str).encode()).hexdigest()
         return {
@@ -312,6 +338,13 @@ class ExplanationEvaluator(pl.LightningModule):
             clean = explainer.attribute(images, target, seeds=seeds)
             seconds_clean = (_clock(images) - started) / batch_size
             evals_clean = _sample_evaluations(explainer, batch_size)
+            clean_solution = getattr(explainer, "last_displacement", None) if self.warm_start else None
+            convexity = None
+            if self.convexity_iterations and explainer.family == "moreaugrad":
+                convexity = local_convexity(
+                    self.classifier, images, target, rho=explainer.rho, num_iterations=self.convexity_iterations,
+                    score=explainer.score,
+                )
             gini, zero_share = _sparsity_update(clean.detach())
             fidelity = {}
             if self.fidelity_steps:
@@ -325,11 +358,15 @@ class ExplanationEvaluator(pl.LightningModule):
                     continue
                 self._show(label, eps)
                 started = _clock(images)
-                attacked_images, moved = self.attacks[row].perturb(images, target, seeds=seeds)
+                attack = self.attacks[row]
+                attacked_images, moved = attack.perturb(images, target, seeds=seeds, initial=clean_solution)
                 seconds_attack = (_clock(images) - started) / batch_size
-                evals_attack = _sample_evaluations(self.attacks[row], batch_size)
+                evals_attack = _sample_evaluations(attack, batch_size)
+                warm = getattr(attack, "last_displacement", None) if self.warm_start else None
                 started = _clock(images)
-                attacked = explainer.attribute(attacked_images, target, seeds=seeds)
+                attacked = explainer.attribute(
+                    attacked_images, target, seeds=seeds, **({"initial": warm} if warm is not None else {})
+                )
                 seconds_attacked = (_clock(images) - started) / batch_size
                 evals_attacked = _sample_evaluations(explainer, batch_size)
                 metrics = {
@@ -337,6 +374,16 @@ class ExplanationEvaluator(pl.LightningModule):
                     "topk": _topk_intersection_update(clean, attacked, self.topk_fraction),
                     "ssim": _saliency_ssim_update(clean, attacked),
                 }
+                diagnostic = {}
+                if convexity is not None:
+                    diagnostic = {
+                        "weak_convexity": convexity.weak_convexity.tolist(),
+                        "convex": convexity.convex.float().tolist(),
+                        "bound": [
+                            value if math.isfinite(value) else None
+                            for value in corollary_bound(convexity.weak_convexity, explainer.rho, eps).tolist()
+                        ],
+                    }
                 for position in range(batch_size):
                     records.append(
                         {
@@ -348,6 +395,7 @@ class ExplanationEvaluator(pl.LightningModule):
                             "gini": float(gini[position]),
                             "zero_fraction": float(zero_share[position]),
                             **{key: values[position] for key, values in fidelity.items()},
+                            **{key: values[position] for key, values in diagnostic.items()},
                             "moved": bool(moved[position]),
                             "seconds_clean": seconds_clean,
                             "seconds_attack": seconds_attack,
@@ -435,8 +483,17 @@ def _sample_evaluations(source: Any, batch_size: int) -> list[float]:
     return [float(value) for value in torch.as_tensor(counts).tolist()]
 
 
-def _file_sha256(path: str | Path) -> str | None:
+def _weights_file(source: ClassifierSource | str) -> str | None:
+    """The file holding the classifier's weights, for the run's fingerprint (None for timm's cache)."""
+    if isinstance(source, ClassifierSource):
+        return source.checkpoint or source.weights
+    return str(source)
+
+
+def _file_sha256(path: str | Path | None) -> str | None:
     """SHA-256 of a file (the classifier's weights), read in 1 MiB blocks; None for what is not a file."""
+    if path is None:
+        return None
     path = Path(str(path))
     if not path.is_file():
         return None

@@ -76,6 +76,13 @@ def report(run_dir: str | Path, experiment: Any = None, verbose: bool = True) ->
             + f" (clean accuracy {format_number(run_info['accuracy'])}); intervals are 95% bootstrap intervals "
             "over samples."
         )
+        for row in rows:
+            if row.convex_share is not None and row.convex_share < 0.5:
+                print(
+                    f"WARNING: for {row.method}, only {row.convex_share:.0%} of the samples have rho < 1/lambda (the "
+                    "local weak-convexity estimate): the Moreau problem is likely non-convex there and Theorem 1's "
+                    "robustness guarantee does not apply; try a smaller rho (a local estimate, not a certificate)."
+                )
         if comparisons:
             print("Paired comparisons with the simple gradient (same samples):\n" + format_comparisons(comparisons))
         print("  records: " + str(run_dir / "records"))

@@ -225,6 +225,8 @@ def compare_paired(
         for metric, lower_is_better in INTERVAL_METRICS:
             differences = (ours.loc[shared, metric] - theirs.loc[shared, metric]).to_numpy(dtype=np.float64)
             low, high = bootstrap_interval(differences, resamples, seed=seed)
+            # Differences within float round-off of zero count as zero.
+            low, high = (0.0 if abs(low) < 1e-9 else low), (0.0 if abs(high) < 1e-9 else high)
             if lower_is_better:  # the robust side of zero is the negative one
                 verdict = "more robust" if high < 0 else "less robust" if low > 0 else "no clear difference"
             else:
