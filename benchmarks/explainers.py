@@ -6,6 +6,9 @@ Sections (all by default; pick with --sections):
   overhead     MoreauGrad's wall time / (its model rows' share of batched forward+backward passes of the same
                size, timed in the same run), in plain and regularised mode. 1.0 means the solver costs nothing
                beyond the model's own gradients.
+  second_order CASO's and CAFO's wall time per image as a multiple of one batched forward+backward of the same
+               batch (their default settings), beside the measured cost of one batched Hessian-vector product
+               (HVP, double backprop) in the same unit; CASO's gradient-evaluation count prices an HVP at 2.
   convergence  gradient evaluations (model input rows through a forward+backward) that plain Algorithm 1,
                `tol`, `accelerate` and both need to get every sample's map within --target-error (relative L2)
                of a long reference solve, on a digits classifier (a tiny CNN trained here in seconds, or the
@@ -15,6 +18,7 @@ Examples:
   python benchmarks/explainers.py                                    # CPU, a few minutes
   python benchmarks/explainers.py --sections overhead --device cuda --batch-size 128
   python benchmarks/explainers.py --sections convergence --digits-checkpoint checkpoints/digits/last.ckpt
+  python benchmarks/explainers.py --sections second_order --device cuda --batch-size 128
 
 Prints one JSON object on stdout.
 """
@@ -39,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from mglightning.explainers import MoreauGrad, build_explainer, list_explainers  # noqa: E402
 from mglightning.explainers.base import chunk_ranges  # noqa: E402
+from mglightning.explainers.hessian import ClassCrossEntropy, hessian_vector_product  # noqa: E402
 from mglightning.models import create_model  # noqa: E402
 
 # Settings that keep a CPU run to minutes; each method's cost is linear in its model rows per image.
@@ -52,14 +57,16 @@ QUICK_SETTINGS = {
     "moreaugrad": {"num_steps": 5, "noise_samples": 8},
     "sparse_moreaugrad": {"num_steps": 5, "noise_samples": 8},
     "group_sparse_moreaugrad": {"num_steps": 5, "noise_samples": 8, "group_size": 4},
+    "caso": {},
+    "cafo": {},
 }
 TOLERANCES = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["throughput", "overhead", "convergence"],
-                        choices=["throughput", "overhead", "convergence"])
+    parser.add_argument("--sections", nargs="+", default=["throughput", "overhead", "second_order", "convergence"],
+                        choices=["throughput", "overhead", "second_order", "convergence"])
     parser.add_argument("--model", default="resnet18", help="registered mglightning model (default resnet18)")
     parser.add_argument("--width", type=int, default=16, help="model base width (default 16)")
     parser.add_argument("--image-size", type=int, default=32)
@@ -198,6 +205,32 @@ def moreau_overhead(args, model, images, target, seeds, device, noise_std: float
     }
 
 
+def second_order_cost(args, model, images, target, seeds, device) -> dict:
+    """CASO's and CAFO's wall time (default settings) and one HVP's, each over one batched forward+backward."""
+    loss = ClassCrossEntropy(model, target)
+    directions = torch.randn_like(images)
+    hessian_vector_product(loss, images, directions)  # warm-up of the double-backward kernels
+
+    def median_time(function: Callable[[], object]) -> float:
+        return statistics.median(timed(function, device) for _ in range(args.repeats))
+
+    unit = median_time(lambda: forward_backward(model, images, target))
+    hvp = median_time(lambda: hessian_vector_product(loss, images, directions))
+    result = {"forward_backward_seconds": round(unit, 5), "hvp_over_forward_backward": round(hvp / unit, 3)}
+    for name in ("caso", "cafo"):
+        progress(f"second_order: {name}")
+        explainer = build_explainer(name, model, internal_batch_size=args.internal_batch_size)
+        seconds = median_time(lambda: explainer.attribute(images, target, seeds=seeds))
+        result[name] = {
+            "settings": {key: getattr(explainer, key) for key in explainer.settings()},
+            "seconds_per_batch": round(seconds, 4),
+            # A batched call over a batched forward+backward of the same images: the per-image multiple.
+            "cost_over_forward_backward": round(seconds / unit, 2),
+            "gradient_evaluations_per_image": explainer.last_gradient_evaluations / len(images),
+        }
+    return result
+
+
 # --- convergence -----------------------------------------------------------------------------------------
 
 
@@ -334,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     report = {"machine": machine_info(device), "arguments": vars(args)}
-    if {"throughput", "overhead"} & set(args.sections):
+    if {"throughput", "overhead", "second_order"} & set(args.sections):
         model = benchmark_model(args, device)
         generator = torch.Generator().manual_seed(args.seed)
         images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=generator).to(device)
@@ -350,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
                 moreau_overhead(args, model, images, target, seeds, device, 0.0, args.overhead_steps),
                 moreau_overhead(args, model, images, target, seeds, device, 0.1, args.overhead_noisy_steps),
             ]
+        if "second_order" in args.sections:
+            report["second_order"] = second_order_cost(args, model, images, target, seeds, device)
     if "convergence" in args.sections:
         report["convergence"] = convergence(args)
     print(json.dumps(report, indent=2))

@@ -145,6 +145,8 @@ def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
     assert "/7 samples" in captured.err and "moreaugrad: attack at ε=0.5" in captured.err and "left" in captured.err
     assert printed.count("| method |") == 1, "one results table, ours (not Lightning's)"
     assert "Test metric" not in printed and "results.md" in printed and "Paired comparisons" in printed
+    assert "Note: On the bundled digits the paper's ordering does not show" in printed  # the config's note
+    assert "**Note.**" in markdown
 
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()

@@ -1,7 +1,6 @@
 """The paper's figures as commands (`figures.py fig2|fig3|fig4|fig7`) on a tiny digits classifier, and the numbers
 behind them against direct computations."""
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -37,11 +36,6 @@ def checkpoint(tmp_path_factory) -> Path:
     trainer.fit(module, datamodule=datamodule)
     path = tmp_path_factory.mktemp("classifier") / "digits16.ckpt"
     trainer.save_checkpoint(path)
-    # As train.py writes it: the hyperparameters hold plain values (a module built in Python holds the
-    # AdversarialTraining object, which load_classifier's weights-only loading refuses).
-    saved = torch.load(path, weights_only=False)
-    saved["hyper_parameters"]["adversarial"] = dataclasses.asdict(saved["hyper_parameters"]["adversarial"])
-    torch.save(saved, path)
     return path
 
 

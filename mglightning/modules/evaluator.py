@@ -90,6 +90,8 @@ class ExplanationEvaluator(pl.LightningModule):
             each MoreauGrad-family row whether `rho < 1 / lambda` (results column `convex share`) and Corollary 1's
             bound. A local estimate, not a certificate. 0 (default) skips it.
         run_dir: the run folder; default the logger's folder (`trainer.log_dir`).
+        note: a remark printed under the results table and written into `results.md` (e.g. what the data can and
+            cannot show).
         num_classes, image_size, in_chans, mean, std: the data's, for building and checking the classifier
             (`evaluate.py` links them from the datamodule).
     """
@@ -113,6 +115,7 @@ class ExplanationEvaluator(pl.LightningModule):
         warm_start: bool = False,
         convexity_iterations: int = 0,
         run_dir: str | None = None,
+        note: str | None = None,
         num_classes: int | None = None,
         image_size: int | None = None,
         in_chans: int | None = None,
@@ -154,6 +157,7 @@ class ExplanationEvaluator(pl.LightningModule):
             raise ValueError(f"convexity_iterations must be an integer >= 0 (0 skips it), got {convexity_iterations!r}.")
         self.convexity_iterations = convexity_iterations
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.note = note
 
         self.classifier = build_classifier(
             classifier, num_classes=num_classes, image_size=image_size, in_chans=in_chans, mean=mean, std=std
@@ -297,6 +301,7 @@ class ExplanationEvaluator(pl.LightningModule):
             "grid_samples": self.grid_samples,
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
             "title": f"{type(datamodule).__name__}, {self.attack_kind} attack",
+            "note": self.note,
         }
 
     # ------------------------------------------------------------------------------------------- the run

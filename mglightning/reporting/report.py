@@ -83,6 +83,8 @@ def report(run_dir: str | Path, experiment: Any = None, verbose: bool = True) ->
                     "local weak-convexity estimate): the Moreau problem is likely non-convex there and Theorem 1's "
                     "robustness guarantee does not apply; try a smaller rho (a local estimate, not a certificate)."
                 )
+        if run_info.get("note"):
+            print("Note: " + run_info["note"])
         if comparisons:
             print("Paired comparisons with the simple gradient (same samples):\n" + format_comparisons(comparisons))
         print("  records: " + str(run_dir / "records"))

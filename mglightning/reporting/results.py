@@ -376,6 +376,8 @@ def write_results(
     atomic_write_text(paths["csv"], buffer.getvalue())
 
     sections = ["# Interpretation robustness", run_header_markdown(run_info), format_results_table(rows)]
+    if run_info.get("note"):
+        sections.append("**Note.** " + str(run_info["note"]))
     if comparisons:
         sections.append("Paired comparisons (same samples):\n\n```\n" + format_comparisons(comparisons) + "\n```")
     atomic_write_text(paths["md"], "\n\n".join(sections) + "\n")
