@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import Logger
@@ -261,7 +260,7 @@ def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path
 
         if len(arguments) != 2:
             raise SystemExit("usage: python evaluate.py report <run_dir>")
-        return report(arguments[1])
+        return report(arguments[1])[1]
     # Imported here so that training does not load the explainer stack.
     from mglightning.modules.evaluator import ExplanationEvaluator
 
@@ -276,28 +275,8 @@ def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path
         auto_configure_optimizers=False,
         parser_kwargs={"description": EVALUATE_DESCRIPTION},
     )
-    evaluator, datamodule = cli.model, cli.datamodule
-    check_compatible(evaluator.classifier, datamodule)
-    cli.trainer.test(evaluator, datamodule=datamodule, verbose=False)
+    evaluator = cli.model
+    cli.trainer.test(evaluator, datamodule=cli.datamodule, verbose=False)
     if cli.trainer.is_global_zero:
         print(f"  run folder: {evaluator.run_dir}  (re-report: python evaluate.py report {evaluator.run_dir})")
     return cli
-
-
-def check_compatible(classifier, datamodule) -> None:
-    """Fail before the run when the checkpoint's classifier cannot take this data."""
-    num_classes = getattr(classifier, "num_classes", None)
-    if num_classes is not None and num_classes != datamodule.num_classes:
-        raise ValueError(
-            f"The checkpoint's classifier has {num_classes} classes but {type(datamodule).__name__} has "
-            f"{datamodule.num_classes}: evaluate it on the dataset it was trained on."
-        )
-    probe = torch.zeros(1, datamodule.in_chans, datamodule.image_size, datamodule.image_size)
-    try:
-        with torch.no_grad():
-            classifier(probe)
-    except RuntimeError as error:
-        raise ValueError(
-            f"The checkpoint's classifier cannot take {datamodule.image_size}x{datamodule.image_size} images with "
-            f"{datamodule.in_chans} channels from {type(datamodule).__name__}: {error}"
-        ) from error

@@ -255,8 +255,7 @@ class ExplanationEvaluator(pl.LightningModule):
                 "method": row,
                 "label": label,
                 "explainer": self.explainers[label].name,
-                "display_name": self.explainers[label].display_name
-                + ("" if len(self.epsilons) == 1 else f" (ε={eps:g})"),
+                "display_name": self._display_name(label, eps),
                 "family": self.explainers[label].family,
                 "epsilon": eps,
                 "surrogate": getattr(self.attacks[row], "surrogate_name", "none (random noise)"),
@@ -441,17 +440,16 @@ class ExplanationEvaluator(pl.LightningModule):
         folder = self.run_dir / "grid"
         folder.mkdir(parents=True, exist_ok=True)
         grid = {key: value for key, value in grid.items() if key != "keep"}
-        grid["display_names"] = {row: spec for row, spec in self._display_names().items()}
+        grid["display_names"] = {row: self._display_name(label, eps) for row, label, eps in self.rows}
         grid["families"] = {row: self.explainers[label].family for row, label, _ in self.rows}
         name = f"rank{self.trainer.global_rank:03d}-{int(grid['index'].min())}.pt"
         torch.save(grid, folder / f".{name}.tmp")
         (folder / f".{name}.tmp").replace(folder / name)
 
-    def _display_names(self) -> dict[str, str]:
-        return {
-            row: self.explainers[label].display_name + ("" if len(self.epsilons) == 1 else f" ε={eps:g}")
-            for row, label, eps in self.rows
-        }
+    def _display_name(self, label: str, epsilon: float) -> str:
+        """A results row's name in tables and figures: the method's, with the budget when there are several."""
+        suffix = "" if len(self.epsilons) == 1 else f" (ε={epsilon:g})"
+        return self.explainers[label].display_name + suffix
 
     def on_test_epoch_end(self) -> None:
         if self._progress is not None:
@@ -463,14 +461,9 @@ class ExplanationEvaluator(pl.LightningModule):
         experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
         if experiment is not None and not hasattr(experiment, "add_figure"):
             experiment = None
-        self.output_paths = report(self.run_dir, experiment=experiment)
+        self.result_rows, self.output_paths = report(self.run_dir, experiment=experiment)
         if experiment is not None:
             print(f"  TensorBoard: tensorboard --logdir {self.run_dir.parent}")
-        from mglightning.reporting import read_records, summarise_records
-
-        self.result_rows = summarise_records(
-            read_records(self.run_dir), load_run_info(self.run_dir), self.bootstrap_samples, self.seed
-        )
 
 
 def _clock(reference: Tensor) -> float:

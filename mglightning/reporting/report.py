@@ -17,6 +17,7 @@ import torch
 from mglightning.reporting.figures import fidelity_figure, robustness_figure, saliency_grid, save_figure
 from mglightning.reporting.records import read_records
 from mglightning.reporting.results import (
+    ResultRow,
     compare_paired,
     format_comparisons,
     format_number,
@@ -40,8 +41,10 @@ def load_run_info(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def report(run_dir: str | Path, experiment: Any = None, verbose: bool = True) -> dict[str, Path]:
-    """Write the results files and figures of a run folder from its records; returns `{name: path}`.
+def report(
+    run_dir: str | Path, experiment: Any = None, verbose: bool = True
+) -> tuple[list[ResultRow], dict[str, Path]]:
+    """Write the results files and figures of a run folder from its records; returns the rows and `{name: path}`.
 
     Args:
         run_dir: the run's folder (holds `run.json` and `records/`).
@@ -49,7 +52,7 @@ def report(run_dir: str | Path, experiment: Any = None, verbose: bool = True) ->
         verbose: print the table, the paired comparisons and the paths.
 
     Example:
-        >>> paths = report("logs/eval_digits/version_0")     # doctest: +SKIP
+        >>> rows, paths = report("logs/eval_digits/version_0")     # doctest: +SKIP
     """
     run_dir = Path(run_dir)
     run_info = load_run_info(run_dir)
@@ -103,7 +106,7 @@ def report(run_dir: str | Path, experiment: Any = None, verbose: bool = True) ->
         paths[name] = save_figure(figure, run_dir / f"{name}.png")
         if verbose:
             print(f"  {name}: {paths[name]}")
-    return paths
+    return rows, paths
 
 
 def load_grid(run_dir: Path) -> dict[str, Any] | None:
