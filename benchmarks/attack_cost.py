@@ -116,13 +116,15 @@ def run_procedure(args, model, images, target, seeds, method: str, fast: bool, d
     for first in range(0, len(images), args.batch_size):
         batch = slice(first, first + args.batch_size)
         x, c, s = images[batch], target[batch], seeds[batch]
-        clean = explainer.attribute(x, c, seeds=s)
-        costs["clean_map"].append(explainer.last_sample_gradient_evaluations)
-        adversarial, batch_moved = attack.perturb(x, c, seeds=s, initial=explainer.last_displacement)
-        costs["attack"].append(attack.last_sample_gradient_evaluations)
-        warm = {"initial": attack.last_displacement} if attack.last_displacement is not None else {}
-        attacked = explainer.attribute(adversarial, c, seeds=s, **warm)
-        costs["attacked_map"].append(explainer.last_sample_gradient_evaluations)
+        explained = explainer.explain(x, c, seeds=s)
+        clean = explained.attribution
+        costs["clean_map"].append(explained.gradient_evaluations)
+        result = attack.run(x, c, seeds=s, initial=explained.solution)
+        batch_moved = result.moved
+        costs["attack"].append(result.gradient_evaluations)
+        attacked_explanation = explainer.explain(result.inputs, c, seeds=s, initial=result.solution)
+        attacked = attacked_explanation.attribution
+        costs["attacked_map"].append(attacked_explanation.gradient_evaluations)
         for name, metric in METRICS.items():
             metrics[name].append(metric(clean, attacked).cpu())
         moved.append(batch_moved.cpu())

@@ -304,7 +304,7 @@ def test_inputs_model_mode_and_parameter_grads_are_left_untouched(training):
     targets = _prediction(model, images)
     with torch.no_grad():  # e.g. a Lightning test step: the attack turns autograd back on for itself
         TopKInterpretationAttack(SimpleGradient(model), epsilon=0.3, num_steps=2).perturb(images, targets)
-    GaussianNoise(0.3, model=model).perturb(images, targets)
+    GaussianNoise(SimpleGradient(model), 0.3).perturb(images, targets)
     assert model.training is training
     assert torch.equal(images, images_before) and images.grad is None and not images.requires_grad
     assert all(parameter.grad is None for parameter in model.parameters())
@@ -323,7 +323,7 @@ def test_epsilon_must_be_positive(epsilon):
     with pytest.raises(ValueError, match="`epsilon` must be a finite number > 0"):
         TopKInterpretationAttack(SimpleGradient(model), epsilon=epsilon)
     with pytest.raises(ValueError, match="`epsilon` must be a finite number > 0"):
-        GaussianNoise(epsilon)
+        GaussianNoise(None, epsilon)
 
 
 @pytest.mark.parametrize(
@@ -360,7 +360,7 @@ def test_not_an_explainer_is_rejected():
 )
 def test_bad_inputs_raise_clear_errors(inputs, seeds, message):
     model = _softplus_net()
-    for attack in (TopKInterpretationAttack(SimpleGradient(model), epsilon=0.1), GaussianNoise(0.1, model=model)):
+    for attack in (TopKInterpretationAttack(SimpleGradient(model), epsilon=0.1), GaussianNoise(SimpleGradient(model), 0.1)):
         with pytest.raises(ValueError, match=message):
             attack.perturb(inputs, 0, seeds=seeds)
 
@@ -368,11 +368,11 @@ def test_bad_inputs_raise_clear_errors(inputs, seeds, message):
 # ---------------------------------------------------------------- Gaussian noise
 def test_gaussian_noise_has_norm_epsilon_and_stays_in_the_box():
     inputs = 0.25 + 0.5 * torch.rand(5, 3, 8, 8)
-    noisy, moved = GaussianNoise(0.3).perturb(inputs, 0, seeds=torch.arange(5))
+    noisy, moved = GaussianNoise(None, 0.3).perturb(inputs, 0, seeds=torch.arange(5))
     torch.testing.assert_close(_l2_offsets(noisy, inputs), torch.full((5,), 0.3))
     assert moved.all()
     at_faces = _images(batch=5)
-    noisy, _ = GaussianNoise(3.0).perturb(at_faces, 0, seeds=torch.arange(5))
+    noisy, _ = GaussianNoise(None, 3.0).perturb(at_faces, 0, seeds=torch.arange(5))
     assert noisy.min() >= 0 and noisy.max() <= 1
     assert (_l2_offsets(noisy, at_faces) <= 3.0 * (1 + 1e-6)).all()
 
@@ -380,26 +380,26 @@ def test_gaussian_noise_has_norm_epsilon_and_stays_in_the_box():
 def test_gaussian_noise_depends_only_on_each_samples_seed():
     inputs = _images(batch=4, dtype=torch.float64)
     seeds = torch.tensor([3, 1, 4, 1])
-    noisy, _ = GaussianNoise(0.2).perturb(inputs, 0, seeds=seeds)
+    noisy, _ = GaussianNoise(None, 0.2).perturb(inputs, 0, seeds=seeds)
     for i in range(4):
-        single, _ = GaussianNoise(0.2).perturb(inputs[i : i + 1], 0, seeds=seeds[i : i + 1])
+        single, _ = GaussianNoise(None, 0.2).perturb(inputs[i : i + 1], 0, seeds=seeds[i : i + 1])
         torch.testing.assert_close(single, noisy[i : i + 1], rtol=0, atol=1e-12)
     same_image = inputs[[0, 0]]
-    pair, _ = GaussianNoise(0.2).perturb(same_image, 0, seeds=torch.tensor([1, 2]))
+    pair, _ = GaussianNoise(None, 0.2).perturb(same_image, 0, seeds=torch.tensor([1, 2]))
     assert not torch.equal(pair[0], pair[1])
     torch.manual_seed(7)
-    first, _ = GaussianNoise(0.2).perturb(inputs, 0)
+    first, _ = GaussianNoise(None, 0.2).perturb(inputs, 0)
     torch.manual_seed(7)
-    assert torch.equal(GaussianNoise(0.2).perturb(inputs, 0)[0], first)
+    assert torch.equal(GaussianNoise(None, 0.2).perturb(inputs, 0)[0], first)
 
 
 def test_gaussian_noise_keeps_the_label_when_given_the_model():
     images = _images(batch=6)
     blocked = torch.tensor([False, True, False, False, True, False])
     model = FlipsWhenMoved(_softplus_net(), images[blocked], radius=1.0)
-    noisy, moved = GaussianNoise(0.5, model=model).perturb(images, 0, seeds=torch.arange(6))
+    noisy, moved = GaussianNoise(SimpleGradient(model), 0.5).perturb(images, 0, seeds=torch.arange(6))
     assert moved.tolist() == (~blocked).tolist()
     assert torch.equal(noisy[blocked], images[blocked])
     assert torch.equal(_prediction(model, noisy), _prediction(model, images))
     # Without the model the label is not checked: every sample moves.
-    assert GaussianNoise(0.5).perturb(images, 0, seeds=torch.arange(6))[1].all()
+    assert GaussianNoise(None, 0.5).perturb(images, 0, seeds=torch.arange(6))[1].all()

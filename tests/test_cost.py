@@ -10,6 +10,7 @@ from mglightning.attacks import GaussianNoise, TopKInterpretationAttack
 from mglightning.explainers import (
     EXPLAINERS,
     GroupSparseMoreauGrad,
+    SimpleGradient,
     MoreauGrad,
     SparseMoreauGrad,
     build_explainer,
@@ -143,10 +144,11 @@ def test_warm_started_attack_counts_match_a_counting_wrapper():
     model = CountingModel(softplus_cnn())
     images, target, seeds = _images(4), torch.tensor([0, 1, 2, 3]), torch.arange(4)
     explainer = SparseMoreauGrad(model, num_steps=40, noise_samples=3, eta=2e-3, tol=0.05, tol_window=4)
-    explainer.attribute(images, target, seeds=seeds)
+    clean = explainer.explain(images, target, seeds=seeds)
     model.reset()
     attack = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=4, warm_start=True)
-    attack.perturb(images, target, seeds=seeds, initial=explainer.last_displacement)
+    result = attack.run(images, target, seeds=seeds, initial=clean.solution)
+    assert torch.equal(result.gradient_evaluations, attack.last_sample_gradient_evaluations)
     assert attack.last_gradient_evaluations == model.rows == int(attack.last_sample_gradient_evaluations.sum())
     cold = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=4)
     cold.perturb(images, target, seeds=seeds)
@@ -155,10 +157,10 @@ def test_warm_started_attack_counts_match_a_counting_wrapper():
 
 def test_gaussian_noise_costs_no_gradient_evaluations():
     model = CountingModel(softplus_cnn())
-    noise = GaussianNoise(0.5, model=model)
-    noise.perturb(_images(), 0, seeds=torch.arange(3))
-    assert noise.last_gradient_evaluations == 0 == model.rows
-    assert noise.last_sample_gradient_evaluations.tolist() == [0, 0, 0] and noise.last_displacement is None
+    noise = GaussianNoise(SimpleGradient(model), 0.5)
+    result = noise.run(_images(), 0, seeds=torch.arange(3))
+    assert model.rows == 0  # the label check runs under no_grad and is not counted here
+    assert result.gradient_evaluations.tolist() == [0, 0, 0] and result.solution is None
 
 
 def _plain(cls=MoreauGrad, **settings):
@@ -174,11 +176,12 @@ def _plain(cls=MoreauGrad, **settings):
 def test_warm_start_from_the_exact_solution_takes_one_step(cls):
     images, target = _images(dtype=torch.float64), torch.tensor([0, 1, 3])
     exact = _plain(cls, num_steps=2000, tol=1e-13)
-    solution = exact.attribute(images, target)
+    solved = exact.explain(images, target)
+    solution = solved.attribution
     assert (exact.last_iterations < 2000).all()  # it converged
     warm = _plain(cls, num_steps=100, tol=1e-6)
     warm.model = exact.model
-    attributions = warm.attribute(images, target, initial=exact.last_displacement)
+    attributions = warm.attribute(images, target, initial=solved.solution)
     assert warm.last_iterations.tolist() == [1, 1, 1]
     assert warm.last_gradient_evaluations == 3
     torch.testing.assert_close(attributions, solution, rtol=0, atol=1e-10)
@@ -192,8 +195,8 @@ def test_warm_and_cold_solves_agree_to_the_tolerance(cls):
     cold = explainer.attribute(images, target)
     cold_steps = explainer.last_iterations.clone()
     # Warm start from the solution at a nearby input, as an attack step provides it.
-    explainer.attribute((images + 0.02 * _images(seed=1, dtype=torch.float64)).clamp(0, 1), target)
-    warm = explainer.attribute(images, target, initial=explainer.last_displacement)
+    nearby = explainer.explain((images + 0.02 * _images(seed=1, dtype=torch.float64)).clamp(0, 1), target)
+    warm = explainer.attribute(images, target, initial=nearby.solution)
     assert (explainer.last_iterations < cold_steps).all()
     # Both stop within about tol / (1 - contraction) of the solution: step 0.2 with rho 1 contracts by >= 0.8.
     scale = reference.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
@@ -236,33 +239,42 @@ def test_regularised_warm_start_at_its_own_solution_stops_after_one_window():
     images, target, seeds = _images(), torch.tensor([0, 1, 3]), torch.arange(3)
     settings = {"noise_std": 0.05, "noise_samples": 8, "step_size": 0.2}
     long_run = MoreauGrad(model, num_steps=150, **settings)
-    long_run.attribute(images, target, seeds=seeds)
+    solved = long_run.explain(images, target, seeds=seeds)
     warm = MoreauGrad(model, num_steps=150, tol=0.05, tol_window=5, **settings)
-    warm.attribute(images, target, seeds=seeds, initial=long_run.last_displacement)
+    warm.attribute(images, target, seeds=seeds, initial=solved.solution)
     assert warm.last_iterations.tolist() == [5, 5, 5]
     cold = MoreauGrad(model, num_steps=150, tol=0.05, tol_window=5, **settings)
     cold.attribute(images, target, seeds=seeds)
     assert (cold.last_iterations > 5).all()
 
 
-def test_last_displacement_is_the_solution_behind_the_map():
+def test_the_solution_is_the_displacement_behind_the_map():
     explainer = _plain(SparseMoreauGrad, num_steps=20)
     images = _images(dtype=torch.float64)
-    attributions = explainer.attribute(images, 2)
-    torch.testing.assert_close(explainer.last_displacement, -explainer.rho * attributions, rtol=0, atol=0)
-    explainer.attribute(images.requires_grad_(True), 2, create_graph=True)
-    assert not explainer.last_displacement.requires_grad
+    explanation = explainer.explain(images, 2)
+    torch.testing.assert_close(explanation.solution, -explainer.rho * explanation.attribution, rtol=0, atol=0)
+    assert torch.equal(explanation.gradient_evaluations, explainer.last_sample_gradient_evaluations)
+    graph = explainer.explain(images.requires_grad_(True), 2, create_graph=True)
+    assert graph.attribution.requires_grad and not graph.solution.requires_grad
+
+
+def test_methods_without_a_solver_refuse_a_warm_start():
+    explainer = build_explainer("smoothgrad", softplus_cnn(), nt_samples=2)
+    assert explainer.explain(_images(), 0, seeds=torch.arange(3)).solution is None
+    with pytest.raises(ValueError, match="SmoothGrad has no solver to warm-start"):
+        explainer.attribute(_images(), 0, initial=torch.zeros(3, 3, 8, 8))
 
 
 def test_warm_started_attack_hands_over_the_solution_at_the_returned_inputs():
     model = softplus_cnn(dtype=torch.float64)
     images, target, seeds = _images(4, dtype=torch.float64), torch.tensor([0, 1, 2, 3]), torch.arange(4)
     explainer = MoreauGrad(model, step_size=0.2, num_steps=500, noise_std=0.0, tol=1e-9)
-    explainer.attribute(images, target, seeds=seeds)
+    clean = explainer.explain(images, target, seeds=seeds)
     attack = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=4, warm_start=True)
-    adversarial, moved = attack.perturb(images, target, seeds=seeds, initial=explainer.last_displacement)
+    result = attack.run(images, target, seeds=seeds, initial=clean.solution)
+    adversarial, moved = result.inputs, result.moved
     assert moved.any()
-    handed_over = attack.last_displacement
+    handed_over = result.solution
     attacked = explainer.attribute(adversarial, target, seeds=seeds, initial=handed_over)
     assert explainer.last_iterations.tolist() == [1] * 4  # it starts at its own solution
     cold = MoreauGrad(model, step_size=0.2, num_steps=500, noise_std=0.0, tol=1e-12).attribute(adversarial, target)
@@ -278,14 +290,15 @@ def test_cold_start_stays_the_default_and_ignores_initial():
     assert attack.warm_start is False
     first, _ = attack.perturb(images, target, seeds=seeds)
     cost = attack.last_gradient_evaluations
-    second, _ = attack.perturb(images, target, seeds=seeds, initial=torch.ones_like(images))
-    assert torch.equal(first, second) and attack.last_gradient_evaluations == cost == 3 * 4 * (8 * 2 + 1)
-    assert attack.last_displacement is None
+    second = attack.run(images, target, seeds=seeds, initial=torch.ones_like(images))
+    assert torch.equal(first, second.inputs) and attack.last_gradient_evaluations == cost == 3 * 4 * (8 * 2 + 1)
+    assert second.solution is None
     # Methods without a solver accept the option and are unchanged by it.
     plain = TopKInterpretationAttack(build_explainer("smoothgrad", model, nt_samples=3), 0.5, 3)
     warm = TopKInterpretationAttack(build_explainer("smoothgrad", model, nt_samples=3), 0.5, 3, warm_start=True)
-    assert torch.equal(plain.perturb(images, target, seeds=seeds)[0], warm.perturb(images, target, seeds=seeds)[0])
-    assert warm.last_displacement is None
+    warm_result = warm.run(images, target, seeds=seeds)
+    assert torch.equal(plain.perturb(images, target, seeds=seeds)[0], warm_result.inputs)
+    assert warm_result.solution is None
 
 
 @pytest.mark.parametrize(
@@ -304,8 +317,8 @@ def test_bad_solver_settings_raise_clear_errors(settings, message):
 @pytest.mark.parametrize(
     "initial, message",
     [
-        (torch.zeros(2, 3, 8, 8), r"initial must be a displacement shaped like inputs \(3, 3, 8, 8\)"),
-        ([0.0], "initial must be a displacement shaped like inputs"),
+        (torch.zeros(2, 3, 8, 8), r"initial must be shaped like inputs \(3, 3, 8, 8\)"),
+        ([0.0], "initial must be shaped like inputs"),
         (torch.full((3, 3, 8, 8), float("nan")), "initial must be a finite floating tensor"),
         (torch.zeros(3, 3, 8, 8, dtype=torch.long), "initial must be a finite floating tensor"),
     ],
@@ -341,9 +354,10 @@ def test_mixed_precision_and_channels_last_stay_close_to_float32(autocast, chann
         outputs.append(output)
 
     hook = model[0].register_forward_hook(record)
-    attributions = explainer.attribute(images, target, seeds=seeds)
+    explanation = explainer.explain(images, target, seeds=seeds)
+    attributions = explanation.attribution
     hook.remove()
-    assert attributions.dtype == torch.float32 == explainer.last_displacement.dtype
+    assert attributions.dtype == torch.float32 == explanation.solution.dtype
     assert all(y.dtype == (torch.bfloat16 if autocast else torch.float32) for y in outputs)
     assert all(x.is_contiguous(memory_format=torch.channels_last) == channels_last for x in inputs)
     error = (attributions - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)

@@ -51,11 +51,13 @@ def test_normalised_solve_equals_converted_pixel_solve(problem, explainer, paper
     net = normalised_net()
     normalised_inputs = (images - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / s
     in_normalised = explainer(net, num_steps=60, **paper)
-    map_normalised = in_normalised.attribute(normalised_inputs, target)
+    solved_normalised = in_normalised.explain(normalised_inputs, target)
+    map_normalised = solved_normalised.attribution
     in_pixels = explainer(pixel_model(net, mean, std), num_steps=60, **to_pixel_units(paper, std))
-    map_pixels = in_pixels.attribute(images, target)
+    solved_pixels = in_pixels.explain(images, target)
+    map_pixels = solved_pixels.attribution
     # Every iterate maps exactly: d_pix = s * d_n, so MG_pix = (-d_pix / rho_pix) = MG_n / s.
-    torch.testing.assert_close(in_pixels.last_displacement, s * in_normalised.last_displacement)
+    torch.testing.assert_close(solved_pixels.solution, s * solved_normalised.solution)
     torch.testing.assert_close(map_pixels, map_normalised / s)
     assert map_pixels.abs().max() > 0
     if "eta" in paper:  # the L1 threshold converts too: the same entries are exactly zero
@@ -88,16 +90,16 @@ def test_per_channel_std_is_close_to_the_exact_weighted_problem(problem):
     mean = torch.tensor((0.49, 0.48, 0.45), dtype=torch.float64).view(1, 3, 1, 1)
     per_channel = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
     exact = MoreauGrad(net, rho=1.0, step_size=0.1, num_steps=60, noise_std=0.0)
-    exact.attribute((images - mean) / per_channel, target)
+    exact_solution = exact.explain((images - mean) / per_channel, target).solution
     converted = MoreauGrad(
         pixel_model(net, mean.flatten().tolist(), std), num_steps=60, noise_std=0.0,
         **to_pixel_units({"rho": 1.0, "step_size": 0.1}, std),
     )
-    converted.attribute(images, target)
-    expected = exact.last_displacement * per_channel  # the exact solution, in pixels
-    cosine = torch.nn.functional.cosine_similarity(converted.last_displacement.flatten(1), expected.flatten(1))
+    converted_solution = converted.explain(images, target).solution
+    expected = exact_solution * per_channel  # the exact solution, in pixels
+    cosine = torch.nn.functional.cosine_similarity(converted_solution.flatten(1), expected.flatten(1))
     assert (cosine > 0.995).all()
-    relative = (converted.last_displacement - expected).flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1)
+    relative = (converted_solution - expected).flatten(1).norm(dim=1) / expected.flatten(1).norm(dim=1)
     assert (relative < 0.08).all()  # about 6%: the channels' own rho_n * s_c^2 differ by up to 15%
 
 

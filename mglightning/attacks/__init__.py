@@ -1,11 +1,13 @@
 """Interpretation attacks (SPEC section 5).
 
-Both attacks share ``perturb(inputs, target, seeds=None) -> (adversarial_inputs, moved_mask)`` and a
-``surrogate_name`` attribute: ``TopKInterpretationAttack`` (L2-bounded top-k attack through the explainer's
-differentiable map or its surrogate) and ``GaussianNoise`` (random L2 noise, the weak reference).
+Every attack is an :class:`Attack` built as ``Attack(explainer, epsilon, **settings)`` whose
+``run(inputs, target, seeds=None, initial=None)`` returns an :class:`AttackResult` (``perturb`` returns just
+``(adversarial_inputs, moved_mask)``): ``TopKInterpretationAttack`` (L2-bounded top-k attack through the
+explainer's differentiable map or its surrogate) and ``GaussianNoise`` (random L2 noise, the weak reference).
 """
 
+from mglightning.attacks.base import Attack, AttackResult
 from mglightning.attacks.noise import GaussianNoise
 from mglightning.attacks.topk import TopKInterpretationAttack
 
-__all__ = ["GaussianNoise", "TopKInterpretationAttack"]
+__all__ = ["Attack", "AttackResult", "GaussianNoise", "TopKInterpretationAttack"]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from mglightning.attacks._common import check_epsilon, check_images, predict, project_to_ball, resolve_seeds
+from mglightning.attacks.base import Attack, AttackResult
 from mglightning.explainers import MoreauGrad, build_explainer
 from mglightning.metrics import topk_count, topk_mask
 
@@ -23,7 +24,7 @@ def _resolve_surrogate(explainer, surrogate: str):
     return build_explainer(name, explainer.model, score=explainer.score), name
 
 
-class TopKInterpretationAttack:
+class TopKInterpretationAttack(Attack):
     """Move an interpretation's top-k mass elsewhere with an L2-bounded perturbation that keeps the prediction.
 
     With the magnitude map ``s(x') = |A(x')|`` and the top-k set ``K`` of the clean map (``k = max(1,
@@ -50,8 +51,9 @@ class TopKInterpretationAttack:
     The sign step needs ``D`` to have a gradient: a map that is piecewise constant in the input (the simple
     gradient of a ReLU network) gives a zero step and leaves samples unmoved; attack softplus networks.
 
-    **Cost.** After each :meth:`perturb`, :attr:`last_sample_gradient_evaluations` (``(B,)`` long CPU tensor)
-    and :attr:`last_gradient_evaluations` (their sum) hold the model input rows that the attack's
+    **Cost.** :meth:`run`'s ``gradient_evaluations`` (``(B,)`` long CPU tensor; after each call also in
+    :attr:`last_sample_gradient_evaluations`, and their sum in :attr:`last_gradient_evaluations`) hold the model
+    input rows that the attack's
     ``num_steps + 1`` map evaluations sent through a forward+backward (the sum of the differentiated explainer's
     own counts). Not included: the backward through each differentiated map (one more pass per row of the map's
     graph, i.e. per sample for the simple gradient and the MoreauGrad surrogate) and the label checks
@@ -59,10 +61,10 @@ class TopKInterpretationAttack:
 
     **Warm starts** (``warm_start=True``; only the MoreauGrad family has a solver to warm-start, the option does
     nothing for other methods): each step's Moreau solve starts from the previous step's solution
-    (``initial=``), the first from ``perturb(..., initial=d)`` if given (the clean map's solution, e.g.
-    ``explainer.last_displacement`` after ``explainer.attribute(inputs, target, seeds=seeds)``), and
-    :attr:`last_displacement` holds, per sample, the solution at the returned input: at the chosen iterate, or
-    at the clean input for samples not moved. Passing it as ``initial`` to the attacked map's solve (same seeds)
+    (``initial=``), the first from ``run(..., initial=d)`` if given (the clean map's solution,
+    ``explainer.explain(inputs, target, seeds=seeds).solution``), and the result's ``solution`` holds, per
+    sample, the solution at the returned input: at the chosen iterate, or at the clean input for samples not
+    moved. Passing it as ``initial`` to the attacked map's solve (same seeds)
     starts that solve at its own solution, so with the explainer's ``tol`` it stops after one window. With the
     explainer's ``tol`` the warm-started solves stop early; without it they run all their steps from a better
     start. The default is a cold start for every solve (the paper's procedure).
@@ -93,11 +95,13 @@ class TopKInterpretationAttack:
         >>> from mglightning.explainers import MoreauGrad
         >>> target, seeds = model(inputs).argmax(dim=1), torch.arange(4)
         >>> explainer = MoreauGrad(model, noise_std=0.1, noise_samples=8, tol=0.03, tol_window=10)
-        >>> clean_map = explainer.attribute(inputs, target, seeds=seeds)
+        >>> clean = explainer.explain(inputs, target, seeds=seeds)
         >>> attack = TopKInterpretationAttack(explainer, epsilon=0.5, warm_start=True)
-        >>> adversarial, moved = attack.perturb(inputs, target, seeds=seeds, initial=explainer.last_displacement)
-        >>> attacked_map = explainer.attribute(adversarial, target, seeds=seeds, initial=attack.last_displacement)
+        >>> result = attack.run(inputs, target, seeds=seeds, initial=clean.solution)
+        >>> attacked_map = explainer.attribute(result.inputs, target, seeds=seeds, initial=result.solution)
     """
+
+    name = "topk"
 
     def __init__(
         self,
@@ -147,16 +151,15 @@ class TopKInterpretationAttack:
         self.warm_start = warm_start
         self.last_gradient_evaluations: int | None = None
         self.last_sample_gradient_evaluations: Tensor | None = None
-        self.last_displacement: Tensor | None = None
 
     @property
     def warm_starts(self) -> bool:
         """Whether the solves are warm-started: ``warm_start`` is set and the differentiated map has a solver."""
         return self.warm_start and isinstance(self.differentiated_explainer, MoreauGrad)
 
-    def perturb(
-        self, inputs: Tensor, target: int | Tensor, seeds: Tensor | None = None, initial: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def run(
+        self, inputs: Tensor, target: int | Tensor, *, seeds: Tensor | None = None, initial: Tensor | None = None
+    ) -> AttackResult:
         """Attack a batch of images.
 
         Args:
@@ -164,14 +167,14 @@ class TopKInterpretationAttack:
             target: the class explained, an int or a ``(B,)`` long tensor (usually the clean prediction).
             seeds: ``None`` or a ``(B,)`` integer tensor, passed to the explainer at every step; ``None`` draws
                 one seed per sample from torch's global RNG.
-            initial: with warm starts, the ``(B, C, H, W)`` displacement to start the first solve (at the clean
-                inputs) from, e.g. the clean map's ``explainer.last_displacement`` with the same seeds; ignored
-                without warm starts. Default None (the first solve starts cold).
+            initial: with warm starts, the ``(B, C, H, W)`` solution to start the first solve (at the clean
+                inputs) from, the clean map's ``Explanation.solution`` with the same seeds; ignored without warm
+                starts. Default None (the first solve starts cold).
 
         Returns:
-            ``(adversarial_inputs, moved_mask)``: the best eligible iterate per sample (detached, within the
-            L2 ball and [0, 1], same prediction as the clean input) and a ``(B,)`` bool tensor, True where that
-            iterate is not the clean input.
+            An :class:`AttackResult`: the best eligible iterate per sample (detached, within the L2 ball and
+            [0, 1], same prediction as the clean input), a ``(B,)`` bool tensor, True where that iterate is not
+            the clean input, the per-sample cost and, with warm starts, the solution at the returned input.
         """
         check_images(inputs)
         seeds = resolve_seeds(seeds, inputs.shape[0])
@@ -181,7 +184,7 @@ class TopKInterpretationAttack:
             shape = tuple(initial.shape) if isinstance(initial, Tensor) else type(initial).__name__
             raise ValueError(
                 f"`initial` must be a displacement shaped like inputs {tuple(inputs.shape)} (the clean map's "
-                f"explainer.last_displacement), got {shape}."
+                f"Explanation.solution), got {shape}."
             )
         with torch.enable_grad():
             return self._perturb(inputs.detach().clone(), target, seeds, initial)
@@ -189,33 +192,36 @@ class TopKInterpretationAttack:
     def _objective(
         self, iterate: Tensor, target: int | Tensor, seeds: Tensor, topk: Tensor | None, initial: Tensor | None
     ):
-        """``D(iterate)`` per sample with its graph, and the top-k mask (computed here on the first call)."""
-        explainer = self.differentiated_explainer
-        warm = {"initial": initial} if initial is not None else {}
-        attribution = explainer.attribute(iterate, target, seeds=seeds, create_graph=True, **warm)
-        self.last_sample_gradient_evaluations += explainer.last_sample_gradient_evaluations
+        """``D(iterate)`` per sample with its graph, the top-k mask (computed here on the first call) and the
+        solver's solution (None without warm starts)."""
+        explanation = self.differentiated_explainer.explain(
+            iterate, target, seeds=seeds, create_graph=True, initial=initial
+        )
+        self.last_sample_gradient_evaluations += explanation.gradient_evaluations
+        attribution = explanation.attribution
         magnitudes = attribution.abs().flatten(1)
         if topk is None:
             clean_map = attribution.detach()
             topk = topk_mask(clean_map, topk_count(clean_map, self.topk_fraction)).flatten(1)
         total = magnitudes.sum(dim=1).clamp_min(torch.finfo(magnitudes.dtype).tiny)
-        return (magnitudes * topk).sum(dim=1) / total, topk
+        solution = explanation.solution if self.warm_starts else None
+        return (magnitudes * topk).sum(dim=1) / total, topk, solution
 
     def _perturb(
         self, clean: Tensor, target: int | Tensor, seeds: Tensor, initial: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+    ) -> AttackResult:
         clean_prediction = predict(self.model, clean)
         best = clean.clone()
         best_objective = torch.full((clean.shape[0],), math.inf, dtype=clean.dtype, device=clean.device)
         moved = torch.zeros(clean.shape[0], dtype=torch.bool, device=clean.device)
         iterate, topk = clean.clone(), None
         self.last_sample_gradient_evaluations = torch.zeros(clean.shape[0], dtype=torch.long)
-        self.last_displacement = best_displacement = None
+        best_displacement = None
         for step in range(self.num_steps + 1):
             iterate.requires_grad_(True)
-            objective, topk = self._objective(iterate, target, seeds, topk, initial)
-            if self.warm_starts:
-                initial = self.differentiated_explainer.last_displacement
+            objective, topk, solution = self._objective(iterate, target, seeds, topk, initial)
+            if solution is not None:
+                initial = solution
                 if best_displacement is None:  # the solution at the clean input, for samples never moved
                     best_displacement = initial.clone()
             keeps_class = predict(self.model, iterate.detach()) == clean_prediction
@@ -234,5 +240,4 @@ class TopKInterpretationAttack:
                     gradient = step_gradient
             iterate = project_to_ball(iterate.detach() - self.step_size * gradient.sign(), clean, self.epsilon)
         self.last_gradient_evaluations = int(self.last_sample_gradient_evaluations.sum())
-        self.last_displacement = best_displacement
-        return best, moved
+        return AttackResult(best, moved, self.last_sample_gradient_evaluations.clone(), best_displacement)

@@ -1,10 +1,11 @@
 """Attribution methods for image classifiers: the MoreauGrad family and the baselines it is compared with.
 
 Every method has Captum's shape: `Method(model, **settings).attribute(inputs, target, *, seeds=None,
-create_graph=False)`, and can be built by name with `build_explainer(name, model, **settings)`.
+create_graph=False, initial=None)` (`explain` returns an `Explanation`: the map, its cost and a solver's
+solution for warm starts), and can be built by name with `build_explainer(name, model, **settings)`.
 """
 
-from mglightning.explainers.base import SCORES, ClassScore, Explainer
+from mglightning.explainers.base import SCORES, ClassScore, Explainer, Explanation
 from mglightning.explainers.caso import CAFO, CASO
 from mglightning.explainers.deeplift import DeepLift
 from mglightning.explainers.gradients import (
@@ -35,6 +36,7 @@ __all__ = [
     "ClassScore",
     "DeepLift",
     "Explainer",
+    "Explanation",
     "GroupSparseMoreauGrad",
     "HessianOperator",
     "IntegratedGradients",

@@ -11,6 +11,7 @@ import abc
 import inspect
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Sequence
 
 import torch
@@ -76,6 +77,24 @@ class ClassScore:
         return gradient
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """What one `Explainer.explain` call returns.
+
+    Attributes:
+        attribution: the signed map, shaped like the inputs (what `attribute` returns).
+        gradient_evaluations: `(B,)` long CPU tensor, the model input rows of each sample that the call sent
+            through a forward+backward (a Hessian-vector product counts 2).
+        solution: the solver's state at the answer, for methods with a solver (`supports_initial`): pass it as
+            `initial=` to a call at nearby inputs (same seeds) to warm-start it. The MoreauGrad family's is the
+            displacement `d = z* - x`, detached. `None` for methods without one.
+    """
+
+    attribution: Tensor
+    gradient_evaluations: Tensor
+    solution: Tensor | None = None
+
+
 class Explainer(abc.ABC):
     """Base class of the explainers, in Captum's shape: settings in the constructor, the batch in `attribute`.
 
@@ -90,6 +109,7 @@ class Explainer(abc.ABC):
         supports_create_graph: whether `attribute(..., create_graph=True)` is available.
         surrogate: `"self"` when it is, otherwise the registry name of the method whose differentiable map
             an interpretation attack uses instead (SPEC 5).
+        supports_initial: whether the method has a solver that `explain(..., initial=...)` can warm-start.
 
     Args:
         model: classifier taking `(B, C, H, W)` images in [0, 1] and returning `(B, num_classes)` logits.
@@ -102,6 +122,7 @@ class Explainer(abc.ABC):
     family: ClassVar[str]
     supports_create_graph: ClassVar[bool] = True
     surrogate: ClassVar[str] = "self"
+    supports_initial: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, score: str = "logit") -> None:
         if not isinstance(model, nn.Module):
@@ -128,6 +149,7 @@ class Explainer(abc.ABC):
         *,
         seeds: Tensor | None = None,
         create_graph: bool = False,
+        initial: Tensor | None = None,
     ) -> Tensor:
         """Attribute each sample's class score to its input pixels.
 
@@ -139,9 +161,30 @@ class Explainer(abc.ABC):
                 Methods without noise check its length and ignore it.
             create_graph: return a map that can be differentiated with respect to `inputs` (for the
                 interpretation attack); methods with `supports_create_graph = False` raise a `ValueError`.
+            initial: a warm start for methods with a solver (`supports_initial`): the `solution` of an `explain`
+                call at nearby inputs with the same seeds. Methods without a solver refuse it.
 
         Returns:
             A signed tensor shaped like `inputs`.
+        """
+        return self.explain(inputs, target, seeds=seeds, create_graph=create_graph, initial=initial).attribution
+
+    def explain(
+        self,
+        inputs: Tensor,
+        target: int | Tensor,
+        *,
+        seeds: Tensor | None = None,
+        create_graph: bool = False,
+        initial: Tensor | None = None,
+    ) -> Explanation:
+        """`attribute`, returning the map with its cost and the solver's state (`Explanation`).
+
+        Takes the same arguments as `attribute`.
+
+        Example:
+            >>> explanation = MoreauGrad(model).explain(images, target, seeds=seeds)
+            >>> nearby = MoreauGrad(model).explain(images + 1e-3, target, seeds=seeds, initial=explanation.solution)
         """
         if create_graph and not self.supports_create_graph:
             raise ValueError(
@@ -153,6 +196,7 @@ class Explainer(abc.ABC):
         self.check_input_shape(inputs.shape)
         target = format_target(target, inputs)
         seeds = format_seeds(seeds, inputs.shape[0])
+        initial = self._format_initial(initial, inputs)
         if self.uses_noise and seeds is None:
             seeds = torch.randint(0, 2**62, (inputs.shape[0],), dtype=torch.long)
         if torch.is_inference_mode_enabled():
@@ -164,15 +208,39 @@ class Explainer(abc.ABC):
             warnings.warn(
                 f"{type(self).__name__}: the model has batch norm or dropout layers in training mode, which make "
                 "each map depend on its batch and the noise of the forward pass; call model.eval() first.",
-                stacklevel=2,
+                stacklevel=3,
             )
         # The first forward pass of the call checks the model's scores (no extra model evaluation).
         handle = self.model.register_forward_hook(_FiniteScoresCheck(self.model))
         try:
             with torch.enable_grad():
-                return self._attribute(inputs, target, seeds, create_graph)
+                return self._explain(inputs, target, seeds, create_graph, initial)
         finally:
             handle.remove()
+
+    def _format_initial(self, initial: Tensor | None, inputs: Tensor) -> Tensor | None:
+        """`initial` checked against the inputs and moved to their device and dtype (`None` stays `None`)."""
+        if initial is None:
+            return None
+        owner = type(self).__name__
+        if not self.supports_initial:
+            raise ValueError(f"{owner} has no solver to warm-start; call it without initial=.")
+        if not isinstance(initial, Tensor) or initial.shape != inputs.shape:
+            shape = tuple(initial.shape) if isinstance(initial, Tensor) else type(initial).__name__
+            raise ValueError(
+                f"{owner}: initial must be shaped like inputs {tuple(inputs.shape)} (the solution of an explain "
+                f"call on a batch of the same shape), got {shape}."
+            )
+        if not initial.is_floating_point() or not torch.isfinite(initial).all():
+            raise ValueError(f"{owner}: initial must be a finite floating tensor.")
+        return initial.detach().to(device=inputs.device, dtype=inputs.dtype)
+
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
+        """The method on validated arguments; by default `_attribute` and the count it records."""
+        attribution = self._attribute(inputs, target, seeds, create_graph)
+        return Explanation(attribution, self.last_sample_gradient_evaluations.clone())
 
     @abc.abstractmethod
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:

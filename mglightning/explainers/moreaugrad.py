@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mglightning.explainers.base import (
     ClassScore,
     Explainer,
+    Explanation,
     check_inputs,
     check_internal_batch_size,
     check_number,
@@ -75,9 +76,10 @@ class MoreauGrad(Explainer):
 
     Beyond the paper:
 
-    - **Warm starts**: `attribute(..., initial=d_0)` starts sample `i` from `z_0 = x + d_0[i]` instead of `x`
-      (e.g. the `last_displacement` of a solve at a nearby input); the solution does not depend on the start,
-      only the steps needed to reach it.
+    - **Warm starts**: `explain(...)` returns the solution `d = z* - x` with the map (`Explanation.solution`);
+      `attribute(..., initial=d_0)` / `explain(..., initial=d_0)` starts sample `i` from `z_0 = x + d_0[i]`
+      instead of `x` (e.g. the solution of a solve at a nearby input); the solution does not depend on the
+      start, only the steps needed to reach it.
     - **Early stopping** (`tol`): the iterates are grouped in windows of `W` consecutive steps (`W = tol_window`
       in regularised mode, `W = 1` in plain mode) and `m_k` is the mean displacement `d = z - x` over window `k`;
       `m_0` is the starting displacement (0, or `initial`). A sample has converged after window `k` when
@@ -95,8 +97,7 @@ class MoreauGrad(Explainer):
       inputs' dtype (float32). The attack's differentiable map (`create_graph=True`) is always computed at
       full precision.
 
-    After each call: `last_displacement` (`(B, C, H, W)`, the solution `d = z* - x`, detached: pass it as
-    `initial` to warm-start the next solve), `last_iterations` (`(B,)` long tensor), and
+    After each call: `last_iterations` (`(B,)` long tensor), and
     `last_gradient_evaluations` / `last_sample_gradient_evaluations` (model input rows through a
     forward+backward, in total and per sample as a `(B,)` long CPU tensor: steps x noise copies, plus one row for
     the differentiable map).
@@ -126,13 +127,15 @@ class MoreauGrad(Explainer):
         >>> explainer = MoreauGrad(model, rho=1.0, step_size=0.1, num_steps=300, tol=1e-2)
         >>> attr = explainer.attribute(images, target=labels, seeds=torch.arange(len(images)))
         >>> explainer.last_iterations            # e.g. tensor([120, 90, ...])
+        >>> solved = explainer.explain(images, labels, seeds=torch.arange(len(images)))
         >>> nearby = explainer.attribute(images + 1e-3, labels, seeds=torch.arange(len(images)),
-        ...                              initial=explainer.last_displacement)   # fewer steps
+        ...                              initial=solved.solution)   # fewer steps
     """
 
     name = "moreaugrad"
     display_name = "MoreauGrad"
     family = "moreaugrad"
+    supports_initial = True
 
     def __init__(
         self,
@@ -189,53 +192,13 @@ class MoreauGrad(Explainer):
         self.accelerate = accelerate
         self.autocast = autocast
         self.channels_last = channels_last
-        self.last_displacement: Tensor | None = None
         self.last_iterations: Tensor | None = None
         self.last_gradient_evaluations: int | None = None
         self.last_sample_gradient_evaluations: Tensor | None = None
-        self._initial: Tensor | None = None
 
     @property
     def uses_noise(self) -> bool:
         return self.noise_std > 0
-
-    def attribute(
-        self,
-        inputs: Tensor,
-        target: int | Tensor,
-        *,
-        seeds: Tensor | None = None,
-        create_graph: bool = False,
-        initial: Tensor | None = None,
-    ) -> Tensor:
-        """Attribute each sample's class score to its input pixels (see `Explainer.attribute`).
-
-        Args:
-            inputs, target, seeds, create_graph: as in `Explainer.attribute`.
-            initial: `(B, C, H, W)` starting displacement `d_0 = z_0 - x` per sample (a warm start), e.g. the
-                `last_displacement` of a solve at nearby inputs with the same seeds; `None` (default) starts
-                from `z_0 = x` as Algorithm 1 does.
-
-        Returns:
-            The signed map `(x - z*) / rho` (or, with `create_graph=True`, the attack's surrogate map).
-        """
-        if initial is not None:
-            check_inputs(inputs)
-            if not isinstance(initial, Tensor) or initial.shape != inputs.shape:
-                shape = tuple(initial.shape) if isinstance(initial, Tensor) else type(initial).__name__
-                raise ValueError(
-                    f"{type(self).__name__}: initial must be a displacement shaped like inputs {tuple(inputs.shape)} "
-                    f"(e.g. last_displacement of a call on a batch of the same shape), got {shape}."
-                )
-            if not initial.is_floating_point() or not torch.isfinite(initial).all():
-                raise ValueError(f"{type(self).__name__}: initial must be a finite floating tensor.")
-            initial = initial.detach().to(device=inputs.device, dtype=inputs.dtype)
-        # The shared validation in Explainer.attribute passes no extra arguments to _attribute: hold it for the call.
-        self._initial = initial
-        try:
-            return super().attribute(inputs, target, seeds=seeds, create_graph=create_graph)
-        finally:
-            self._initial = None
 
     def _prox(self, displacement: Tensor, step: float) -> Tensor:
         """The proximal step of the penalty; MoreauGrad has none."""
@@ -244,16 +207,22 @@ class MoreauGrad(Explainer):
     def _check_shape(self, inputs: Tensor) -> None:
         """Hook for settings that constrain the image shape."""
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
         self._check_shape(inputs)
-        displacement = self._solve(inputs.detach(), target, seeds)
-        self.last_displacement = displacement
+        displacement = self._solve(inputs.detach(), target, seeds, initial)
         if not create_graph:
-            return -displacement / self.rho
-        # The differentiable map is one more forward+backward per sample.
-        self.last_sample_gradient_evaluations += 1
-        self.last_gradient_evaluations += inputs.shape[0]
-        return moreau_surrogate(self.model, inputs, displacement, target, self.score)
+            attribution = -displacement / self.rho
+        else:
+            # The differentiable map is one more forward+backward per sample.
+            self.last_sample_gradient_evaluations += 1
+            self.last_gradient_evaluations += inputs.shape[0]
+            attribution = moreau_surrogate(self.model, inputs, displacement, target, self.score)
+        return Explanation(attribution, self.last_sample_gradient_evaluations.clone(), displacement)
+
+    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+        return self._explain(inputs, target, seeds, create_graph, None).attribution
 
     def _mean_gradient(
         self, points: Tensor, sample_ids: Tensor, objective: ClassScore, generators: list[torch.Generator] | None
@@ -270,8 +239,9 @@ class MoreauGrad(Explainer):
         )
         return summed / copies
 
-    def _solve(self, inputs: Tensor, target: Tensor, seeds: Tensor | None) -> Tensor:
-        """Proximal gradient descent on `d = z - x` for the whole batch; returns the final (or averaged) `d`."""
+    def _solve(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, initial: Tensor | None) -> Tensor:
+        """Proximal gradient descent on `d = z - x` for the whole batch, from `d = initial` (or 0); returns the
+        final (or averaged) `d`."""
         batch = inputs.shape[0]
         model = self.model
         if self.autocast or self.channels_last:
@@ -280,7 +250,7 @@ class MoreauGrad(Explainer):
         generators = sample_generators(seeds) if self.uses_noise else None
         copies = self.noise_samples if self.uses_noise else 1
         step = self.step_size
-        displacement = torch.zeros_like(inputs) if self._initial is None else self._initial.clone()
+        displacement = torch.zeros_like(inputs) if initial is None else initial.clone()
         extrapolated = displacement.clone() if self.accelerate else None  # FISTA's point y
         momentum_t = torch.ones(batch, dtype=inputs.dtype, device=inputs.device)
         averaged = torch.zeros_like(inputs) if self.average_last else None

@@ -188,7 +188,7 @@ class ExplanationEvaluator(pl.LightningModule):
                     topk_fraction=topk_fraction, surrogate=surrogate, warm_start=self.warm_start,
                 )
             else:
-                self.attacks[row] = GaussianNoise(eps, model=self.classifier)
+                self.attacks[row] = GaussianNoise(self.explainers[label], eps)
         self.result_rows = None  # the ResultRows, on rank 0 after the run
         self.output_paths: dict[str, Path] = {}
         self._progress = None
@@ -339,10 +339,11 @@ class ExplanationEvaluator(pl.LightningModule):
         for label, explainer in self.explainers.items():
             self._show(label, None)
             started = _clock(images)
-            clean = explainer.attribute(images, target, seeds=seeds)
+            explained = explainer.explain(images, target, seeds=seeds)
+            clean = explained.attribution
             seconds_clean = (_clock(images) - started) / batch_size
-            evals_clean = _sample_evaluations(explainer, batch_size)
-            clean_solution = getattr(explainer, "last_displacement", None) if self.warm_start else None
+            evals_clean = explained.gradient_evaluations.double().tolist()
+            clean_solution = explained.solution if self.warm_start else None
             convexity = None
             if self.convexity_iterations and explainer.family == "moreaugrad":
                 convexity = local_convexity(
@@ -363,16 +364,17 @@ class ExplanationEvaluator(pl.LightningModule):
                 self._show(label, eps)
                 started = _clock(images)
                 attack = self.attacks[row]
-                attacked_images, moved = attack.perturb(images, target, seeds=seeds, initial=clean_solution)
+                result = attack.run(images, target, seeds=seeds, initial=clean_solution)
+                attacked_images, moved = result.inputs, result.moved
                 seconds_attack = (_clock(images) - started) / batch_size
-                evals_attack = _sample_evaluations(attack, batch_size)
-                warm = getattr(attack, "last_displacement", None) if self.warm_start else None
+                evals_attack = result.gradient_evaluations.double().tolist()
                 started = _clock(images)
-                attacked = explainer.attribute(
-                    attacked_images, target, seeds=seeds, **({"initial": warm} if warm is not None else {})
+                attacked_explanation = explainer.explain(
+                    attacked_images, target, seeds=seeds, initial=result.solution if self.warm_start else None
                 )
+                attacked = attacked_explanation.attribution
                 seconds_attacked = (_clock(images) - started) / batch_size
-                evals_attacked = _sample_evaluations(explainer, batch_size)
+                evals_attacked = attacked_explanation.gradient_evaluations.double().tolist()
                 metrics = {
                     "distance": _normalized_distance_update(clean, attacked),
                     "topk": _topk_intersection_update(clean, attacked, self.topk_fraction),
