@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 from pathlib import Path
 from typing import Optional, Union
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import Logger
 
 from mglightning.checkpointing import RunCheckpoint
@@ -153,13 +155,15 @@ class EvaluateCLI(LightningCLI):
         parser.add_argument(
             "--resume", type=Optional[str], default=None,
             help="Continue the run in this folder (or `last`: the newest run of this logger), skipping the samples "
-            "it already recorded. Refused when the folder holds an evaluation with other settings.",
+            "it already recorded. Refused, without a change to the folder, when it holds an evaluation with other "
+            "settings.",
         )
         parser.add_argument(
             "--overwrite", type=bool, default=False,
-            help="With --resume: discard the folder's records and results and evaluate from scratch.",
+            help="With --resume: once the new evaluation has been checked, move the folder's run into "
+            "<folder>/replaced-<time>/ and evaluate from scratch.",
         )
-        parser.epilog = explainer_settings_help()
+        parser.epilog = explainer_settings_help() + "\n\n" + evaluation_parts_help()
         # The classifier is built and checked against the data it is evaluated on.
         for name in ("num_classes", "image_size", "in_chans", "mean", "std"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
@@ -168,21 +172,33 @@ class EvaluateCLI(LightningCLI):
         config = self.config
         if config.get("ckpt_path"):
             config.model.classifier = config.ckpt_path
-        root, uses_logger = _runs_root(config)
-        if config.get("resume"):
-            run_dir = _resume_folder(config.resume, root)
-            if config.get("overwrite"):
-                _clear_run_folder(run_dir)
-        elif uses_logger:
-            return  # the logger makes a new version folder for a new run
-        else:
-            run_dir = root / f"version_{_next_version(root)}"
+        config.model.overwrite = bool(config.get("overwrite"))
+        run_dir = _run_folder(config)
         config.model.run_dir = str(run_dir)
-        if uses_logger:
+        logger = config.trainer.get("logger")
+        if getattr(logger, "init_args", None) is not None:
             # The logger writes into the same folder: version `<name>` under save_dir `<parent>`, no experiment name.
-            config.trainer.logger.init_args.save_dir = str(run_dir.parent)
-            config.trainer.logger.init_args.name = ""
-            config.trainer.logger.init_args.version = run_dir.name
+            logger.init_args.save_dir = str(run_dir.parent)
+            logger.init_args.name = ""
+            logger.init_args.version = run_dir.name
+
+
+# The run folder that the first process chose, for the processes Lightning launches for the other devices
+# (they run this same command again and must not choose a folder of their own).
+RUN_DIR_VARIABLE = "MGLIGHTNING_EVALUATION_RUN_DIR"
+
+
+def _run_folder(config) -> Path:
+    """The run's folder, decided here once for every process (`choose_run_folder`)."""
+    from mglightning.evaluation import choose_run_folder
+
+    if os.environ.get(RUN_DIR_VARIABLE):
+        return Path(os.environ[RUN_DIR_VARIABLE])
+    if config.get("overwrite") and not config.get("resume"):
+        raise ValueError("--overwrite replaces a run folder given by --resume DIR; a new run gets a new folder anyway.")
+    run_dir = choose_run_folder(_runs_root(config), config.get("resume"))
+    os.environ[RUN_DIR_VARIABLE] = str(run_dir)
+    return run_dir
 
 
 def explainer_settings_help() -> str:
@@ -206,51 +222,51 @@ def explainer_settings_help() -> str:
     return "\n".join(lines)
 
 
-def _runs_root(config) -> tuple[Path, bool]:
-    """The folder that holds this configuration's run folders, and whether a TensorBoard logger writes there."""
+def _runs_root(config) -> Path:
+    """The folder that holds this configuration's run folders: the TensorBoard logger's, or
+    `<default_root_dir>/evaluations` without one."""
     logger = config.trainer.get("logger")
     init_args = getattr(logger, "init_args", None) if logger not in (None, False, True) else None
     if init_args is not None and init_args.get("save_dir") is not None:
-        return Path(init_args.save_dir) / (init_args.get("name") or ""), True
-    return Path(config.trainer.get("default_root_dir") or ".") / "evaluations", False
+        return Path(init_args.save_dir) / (init_args.get("name") or "")
+    return Path(config.trainer.get("default_root_dir") or ".") / "evaluations"
 
 
-def _next_version(root: Path) -> int:
-    versions = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
-    return max(versions, default=-1) + 1
+def evaluation_parts_help() -> str:
+    """The attacks and metrics an evaluation can be given, with their settings' types and defaults."""
+    from mglightning.attacks import GaussianNoise, TopKInterpretationAttack
+    from mglightning.metrics import DeletionInsertionAUC, NormalizedDistance, SaliencySSIM, Sparsity, TopKIntersection
 
-
-def _resume_folder(resume: str, root: Path) -> Path:
-    if resume == "last":
-        runs = sorted(
-            (p for p in root.glob("version_*") if (p / "run.json").is_file()), key=lambda p: p.stat().st_mtime
-        )
-        if not runs:
-            raise ValueError(f"--resume last: no evaluation run under {root} yet.")
-        return runs[-1]
-    run_dir = Path(resume)
-    if not (run_dir / "run.json").is_file():
-        raise ValueError(
-            f"--resume {resume}: not an evaluation run folder (no run.json); pass the folder a previous run printed."
-        )
-    return run_dir
-
-
-def _clear_run_folder(run_dir: Path) -> None:
-    """What --overwrite discards: the records, grid samples, results, figures and run description."""
-    import shutil
-
-    for name in ("records", "grid"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for pattern in ("results.*", "*.png", "run.json", "events.out.tfevents.*"):
-        for path in run_dir.glob(pattern):
-            path.unlink()
+    sections = [
+        ("attacks (model.attacks: {label: {class_path: <class>, init_args: {setting: value}}}; your own subclasses "
+         "mglightning.attacks.Attack; several: each sample counts at its worst case)",
+         (TopKInterpretationAttack, GaussianNoise), ("self", "explainer", "epsilon")),
+        ("metrics (model.metrics: {label: {class_path: <class>, init_args: {setting: value}}}; your own subclasses "
+         "mglightning.metrics.SampleMetric)",
+         (NormalizedDistance, TopKIntersection, SaliencySSIM, Sparsity, DeletionInsertionAUC),
+         ("self", "model", "kwargs")),
+    ]
+    blocks = []
+    for title, classes, skipped in sections:
+        lines = [title + ":"]
+        for cls in classes:
+            lines.append(f"  {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}")
+            for name, parameter in inspect.signature(cls.__init__).parameters.items():
+                if name in skipped:
+                    continue
+                annotation = parameter.annotation if isinstance(parameter.annotation, str) else getattr(
+                    parameter.annotation, "__name__", str(parameter.annotation))
+                lines.append(f"      {name}: {annotation} = {parameter.default!r}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path]:
     """Evaluate explainers under attack; returns the CLI (its `model.result_rows` hold the results on rank 0).
 
     `evaluate_main(["report", run_dir])` recomputes the tables and figures of a run folder from its records.
+    A run stopped by SIGTERM (a scheduler's preemption) or SIGINT keeps its finished batches and exits with
+    status 143 or 130, printing the command that continues it.
     """
     import sys
 
@@ -262,21 +278,82 @@ def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path
             raise SystemExit("usage: python evaluate.py report <run_dir>")
         return report(arguments[1])[1]
     # Imported here so that training does not load the explainer stack.
-    from mglightning.modules.evaluator import ExplanationEvaluator
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    cli = EvaluateCLI(
-        ExplanationEvaluator,
-        pl.LightningDataModule,
-        subclass_mode_data=True,
-        trainer_class=EvaluationTrainer,
-        run=False,
-        args=args,  # None: LightningCLI reads the command line itself (and does not warn about both)
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-        parser_kwargs={"description": EVALUATE_DESCRIPTION},
+    from mglightning.evaluation import discard_unstarted
+    from mglightning.modules.evaluator import ExplanationEvaluator, RunComplete
+    from mglightning.reporting import report
+
+    launched = os.environ.get(RUN_DIR_VARIABLE) is None
+    cli = None
+    try:
+        cli = EvaluateCLI(
+            ExplanationEvaluator,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            trainer_class=EvaluationTrainer,
+            run=False,
+            args=args,  # None: LightningCLI reads the command line itself (and does not warn about both)
+            save_config_callback=RunConfigSaver,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            parser_kwargs={"description": EVALUATE_DESCRIPTION},
+        )
+        evaluator = cli.model
+        try:
+            cli.trainer.test(evaluator, datamodule=cli.datamodule, verbose=False)
+        except RunComplete as complete:
+            if cli.trainer.is_global_zero:
+                print(f"{complete} Nothing left to evaluate; its results:")
+                evaluator.result_rows, evaluator.output_paths = report(complete.run_dir)
+            return cli
+        except (SIGTERMException, KeyboardInterrupt, SystemExit) as stop:
+            status = 143 if isinstance(stop, SIGTERMException) else 130
+            if isinstance(stop, SystemExit) and not isinstance(stop, SIGTERMException) and not cli.trainer.interrupted:
+                raise
+            _stopped(evaluator.run_dir, status, cli.trainer.is_global_zero)
+            raise SystemExit(status) from None
+        if cli.trainer.is_global_zero:
+            print(f"  run folder: {evaluator.run_dir}  (re-report: python evaluate.py report {evaluator.run_dir})")
+        return cli
+    except BaseException:
+        run_dir = os.environ.get(RUN_DIR_VARIABLE)
+        if launched and run_dir and discard_unstarted(run_dir):
+            print(f"The run stopped before its first record; {run_dir} was removed.", file=sys.stderr)
+        raise
+    finally:
+        if launched:
+            os.environ.pop(RUN_DIR_VARIABLE, None)
+
+
+def _stopped(run_dir: Path | None, status: int, rank_zero: bool) -> None:
+    """What a stopped run says: it is not finished, its finished batches are kept, and how to continue."""
+    import shlex
+    import sys
+
+    if not rank_zero or run_dir is None:
+        return
+    signal_name = "SIGTERM" if status == 143 else "SIGINT"
+    command = [Path(sys.argv[0]).name, *[a for a in sys.argv[1:] if not a.startswith("--resume")], "--resume",
+               str(run_dir)]
+    print(
+        f"\nStopped by {signal_name}: the run is NOT finished. Its finished batches are recorded in {run_dir}; "
+        f"continue it with:\n  python {shlex.join(command)}",
+        file=sys.stderr, flush=True,
     )
-    evaluator = cli.model
-    cli.trainer.test(evaluator, datamodule=cli.datamodule, verbose=False)
-    if cli.trainer.is_global_zero:
-        print(f"  run folder: {evaluator.run_dir}  (re-report: python evaluate.py report {evaluator.run_dir})")
-    return cli
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the evaluation's config as `config.yaml` in its run folder, once the run has been checked.
+
+    LightningCLI's own callback writes at set-up, before the evaluator has checked the run folder; a refused
+    resume would then have rewritten the folder's config. This one writes when the test starts.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pass
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.parser.save(self.config, str(Path(pl_module.run_dir) / self.config_filename), skip_none=False,
+                             overwrite=True, multifile=False)

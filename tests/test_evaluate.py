@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import evaluate
 from mglightning.data import DigitsDataModule
 from mglightning.data.evaluation import ExactlyOnceSampler, IndexedDataset, sample_seeds
+from mglightning.evaluation import AttackSpec, MetricSpec, RowSpec, RunDescription
 from mglightning.modules import ClassifierModule
 from mglightning.reporting import bootstrap_interval, read_records
 from mglightning.reporting import results as results_module
@@ -83,7 +84,7 @@ def eval_args(checkpoint: Path, out: Path, *extra: str, explainers: str = CHEAP_
         "--data.init_args.batch_size", "4",
         "--model.explainers", explainers,
         "--model.max_samples", "7",
-        "--model.attack_steps", "2",
+        "--model.attacks", attack_steps(2),
         "--model.epsilon", "0.5",
         "--model.bootstrap_samples", "200",
         "--model.convexity_iterations", "0",
@@ -93,8 +94,21 @@ def eval_args(checkpoint: Path, out: Path, *extra: str, explainers: str = CHEAP_
     ]
 
 
+def attack_steps(steps: int) -> str:
+    """The `--model.attacks` value of the top-k attack with `steps` steps."""
+    return json.dumps({"topk": {"class_path": "mglightning.attacks.TopKInterpretationAttack",
+                                "init_args": {"num_steps": steps}}})
+
+
 def results_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())["results"]
+    """`{method: {value: ..., "<metric>_ci": interval, "samples": n}}` from results.json."""
+    results = json.loads((run_dir / "results.json").read_text())["results"]
+    return {
+        method: {**row["values"], **{f"{key}_ci": value for key, value in row["intervals"].items()},
+                 "samples": row["samples"], "worst_attack": row["worst_attack"], "per_attack": row["per_attack"],
+                 "surrogate": row["surrogate"], "attack": row["attack"]}
+        for method, row in results.items()
+    }
 
 
 def only_run(out: Path) -> Path:
@@ -126,7 +140,7 @@ def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
         low, high = row["topk_ci"]
         assert low <= row["topk"] <= high
         assert row["evals_clean"] >= 1
-        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1  # fidelity_steps in the config
+        assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1  # the fidelity metric in the config
     for method in METHODS:  # the convexity diagnostic concerns the MoreauGrad family only
         assert (results[method]["convex_share"] is not None) == ("moreaugrad" in method)
 
@@ -142,7 +156,8 @@ def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out
     # Progress at the level a user waits on: samples done of the total, the method and budget, the time left.
-    assert "/7 samples" in captured.err and "moreaugrad: attack at ε=0.5" in captured.err and "left" in captured.err
+    assert "/7 samples" in captured.err and "moreaugrad: topk attack at ε=0.5" in captured.err and "left" in captured.err
+    assert "TqdmWarning" not in captured.err
     assert printed.count("| method |") == 1, "one results table, ours (not Lightning's)"
     assert "Test metric" not in printed and "results.md" in printed and "Paired comparisons" in printed
     assert "Note: On the bundled digits the paper's ordering does not show" in printed  # the config's note
@@ -157,6 +172,8 @@ def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
             assert tag in scalars
             assert len(events.Scalars(tag)) == 1, f"{tag} logged more than once"
     assert events.Scalars("test/moreaugrad/topk")[0].value == pytest.approx(results["moreaugrad"]["topk"], abs=1e-6)
+    # The metric classes' own device-aggregated means, per attack, agree with the records.
+    assert events.Scalars("test/moreaugrad/topk/topk")[0].value == pytest.approx(results["moreaugrad"]["topk"], abs=1e-5)
     images = events.Tags()["images"]
     assert any("robustness" in tag for tag in images) and any("saliency" in tag for tag in images)
 
@@ -324,7 +341,7 @@ def test_max_samples_beyond_the_test_set_is_capped_with_a_warning(checkpoint, tm
     with pytest.warns(UserWarning, match="larger than the test set"):
         cli = evaluate.cli_main(
             eval_args(checkpoint, tmp_path, "--model.max_samples", "100000", "--data.init_args.batch_size", "128",
-                      "--model.attack_steps", "1", explainers=explainers)
+                      "--model.attacks", attack_steps(1), explainers=explainers)
         )
     assert results_of(Path(cli.model.run_dir))["simple_gradient"]["samples"] == size
 
@@ -406,31 +423,85 @@ def test_bootstrap_interval_matches_a_brute_force_resampling_loop():
     assert low < values.mean() < high
 
 
-def test_paired_comparison_says_which_side_is_robust():
-    rows_spec = [
-        {"method": m, "label": m, "explainer": m, "display_name": m, "family": f, "epsilon": 1.0, "surrogate": "self"}
-        for m, f in (("simple_gradient", "gradient"), ("moreaugrad", "moreaugrad"))
-    ]
-    records = pd.DataFrame(
-        [
-            {"method": method, "index": i, "distance": d, "topk": t, "ssim": 0.5, "gini": 0.0, "zero_fraction": 0.0,
-             "moved": True, "seconds_clean": 0.0, "seconds_attack": 0.0, "evals_clean": 1.0, "evals_attack": 1.0,
-             "evals_attacked": 1.0}
-            for i in range(20)
-            for method, d, t in (("simple_gradient", 0.5 + 0.01 * i, 0.6), ("moreaugrad", 0.2 + 0.01 * i, 0.6 - 0.1))
-        ]
+def _description(methods, attacks=("topk",)) -> RunDescription:
+    """A run description of `methods` (`(name, family)`) under `attacks`, with the three robustness metrics."""
+    metrics = tuple(
+        MetricSpec(label=name, class_path="x", settings={}, columns={name: higher}, needs_attack=True, interval=True)
+        for name, higher in (("distance", False), ("topk", True), ("ssim", True))
     )
-    rows = results_module.summarise_records(records, {"rows": rows_spec}, resamples=200)
-    verdicts = {c.metric: c.verdict for c in results_module.compare_paired(records, rows, resamples=200)}
+    rows = tuple(
+        RowSpec(method=m, label=m, explainer=m, display_name=m, family=f, epsilon=1.0,
+                surrogates={attack: "self" for attack in attacks})
+        for m, f in methods
+    )
+    return RunDescription(
+        classifier="c", classifier_sha256=None, dataset="d", data_settings={}, test_set_size=20, planned_samples=20,
+        explainers=(), attacks=tuple(AttackSpec(label=a, name=a, class_path="x", settings={}) for a in attacks),
+        metrics=metrics, rows=rows, epsilons=(1.0,), target="prediction", seed=0, warm_start=False,
+        convexity_iterations=0,
+    )
+
+
+def _records(entries) -> pd.DataFrame:
+    base = {"label": 0, "prediction": 0, "target": 0, "explainer": "x", "epsilon": 1.0, "moved": True,
+            "seconds_clean": 0.0, "seconds_attack": 0.0, "seconds_attacked": 0.0, "evals_clean": 1.0,
+            "evals_attack": 1.0, "evals_attacked": 1.0, "weak_convexity": None, "convex": None, "bound": None,
+            "rank": 0}
+    return pd.DataFrame([{**base, **entry} for entry in entries])
+
+
+def test_paired_comparison_says_which_side_is_robust():
+    description = _description((("simple_gradient", "gradient"), ("moreaugrad", "moreaugrad")))
+    records = _records(
+        {"method": method, "attack": "topk", "index": i, "distance": d, "topk": t, "ssim": 0.5}
+        for i in range(20)
+        for method, d, t in (("simple_gradient", 0.5 + 0.01 * i, 0.6), ("moreaugrad", 0.2 + 0.01 * i, 0.6 - 0.1))
+    )
+    rows = results_module.summarise_records(records, description, resamples=200)
+    verdicts = {c.metric: c.verdict for c in results_module.compare_paired(records, rows, description, resamples=200)}
     assert verdicts == {"distance": "more robust", "topk": "less robust", "ssim": "no clear difference"}
 
 
-@pytest.mark.parametrize("config", ["eval_digits.yaml", "eval_cifar10.yaml", "eval_tinyimagenet.yaml", "eval_imagenet.yaml", "eval_cifar10_fast.yaml", "eval_tinyimagenet_fast.yaml", "eval_imagenet_fast.yaml", "eval_patches.yaml"])
-def test_evaluation_configs_are_valid(config, capsys):
+def test_worst_case_over_attacks_takes_each_metric_at_its_worst_per_sample():
+    description = _description((("simple_gradient", "gradient"),), attacks=("own", "transfer"))
+    records = _records(
+        [
+            {"method": "simple_gradient", "attack": "own", "index": 0, "distance": 0.2, "topk": 0.9, "ssim": 0.4,
+             "moved": False, "evals_attack": 10.0},
+            {"method": "simple_gradient", "attack": "transfer", "index": 0, "distance": 0.3, "topk": 0.8, "ssim": 0.6,
+             "moved": True, "evals_attack": 5.0},
+            {"method": "simple_gradient", "attack": "own", "index": 1, "distance": 0.5, "topk": 0.5, "ssim": 0.5},
+            {"method": "simple_gradient", "attack": "transfer", "index": 1, "distance": 0.1, "topk": 0.7, "ssim": 0.9},
+        ]
+    )
+    (row,) = results_module.summarise_records(records, description, resamples=50)
+    assert row.values["distance"] == pytest.approx((0.3 + 0.5) / 2)  # the highest distance per sample
+    assert row.values["topk"] == pytest.approx((0.8 + 0.5) / 2)  # the lowest top-k
+    assert row.values["ssim"] == pytest.approx((0.4 + 0.5) / 2)  # the lowest SSIM, from either attack
+    assert row.values["attack_success"] == 1.0  # moved by some attack
+    assert row.values["evals_attack"] == pytest.approx((15.0 + 2.0) / 2)  # the ensemble's cost adds up
+    assert row.worst_attack == {"own": 1, "transfer": 1}  # by distance, the first robustness metric
+    assert row.per_attack["own"]["topk"] == pytest.approx(0.7) and row.per_attack["transfer"]["topk"] == pytest.approx(0.75)
+    assert row.attack == "worst of own, transfer" and row.surrogate == "own: self, transfer: self"
+
+
+@pytest.mark.parametrize("config", ["eval_digits.yaml", "eval_cifar10.yaml", "eval_tinyimagenet.yaml", "eval_imagenet.yaml", "eval_patches.yaml"])
+@pytest.mark.parametrize("preset", [None, "fast"])
+def test_evaluation_configs_are_valid(config, preset, capsys):
+    overlay = ["--config", str(CONFIGS / "presets" / f"{preset}.yaml")] if preset else []
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.cli_main(["--config", str(CONFIGS / config), "--print_config"])
+        evaluate.cli_main(["--config", str(CONFIGS / config), *overlay, "--print_config"])
     assert exit_info.value.code == 0
-    assert "mglightning.explainers.GroupSparseMoreauGrad" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mglightning.explainers.GroupSparseMoreauGrad" in printed
+    if preset == "fast":  # the overlay adds its settings and keeps the config's own
+        import yaml
+
+        model = yaml.safe_load(printed)["model"]
+        assert model["warm_start"] is True
+        for label in ("moreaugrad", "sparse_moreaugrad", "group_sparse_moreaugrad"):
+            settings = model["explainers"][label]["init_args"]
+            assert settings["tol"] == 0.03 and settings["tol_window"] == 10 and "rho" in settings
 
 
 def test_warm_started_fast_preset_costs_less_and_agrees(checkpoint, tmp_path):
@@ -454,8 +525,8 @@ def _synthetic_args(out: Path, classifier_yaml: Path) -> list[str]:
         "--config", str(CONFIGS / "eval_digits.yaml"), "--config", str(classifier_yaml),
         "--data", "mglightning.data.SyntheticDataModule", "--data.init_args.num_classes", "3",
         "--data.init_args.image_size", "16", "--data.init_args.batch_size", "4",
-        "--model.explainers", FEW_EXPLAINERS, "--model.max_samples", "4", "--model.attack_steps", "1",
-        "--model.bootstrap_samples", "50", "--model.convexity_iterations", "0", "--model.fidelity_steps", "2",
+        "--model.explainers", FEW_EXPLAINERS, "--model.max_samples", "4", "--model.attacks", attack_steps(1),
+        "--model.bootstrap_samples", "50", "--model.convexity_iterations", "0",
         "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(out),
     ]
 

@@ -127,8 +127,8 @@ def test_the_metric_averages_the_per_sample_areas():
     metric.update(inputs[2:], maps[2:], target[2:])
     deletion, insertion = deletion_insertion_auc(model, inputs, maps, target, steps=6)
     result = metric.compute()
-    torch.testing.assert_close(result["deletion"], deletion.mean().float())
-    torch.testing.assert_close(result["insertion"], insertion.mean().float())
+    torch.testing.assert_close(result["deletion_auc"], deletion.mean().float())
+    torch.testing.assert_close(result["insertion_auc"], insertion.mean().float())
 
 
 def _ddp_worker(rank, world_size, path):
@@ -148,8 +148,8 @@ def test_the_metric_over_two_gloo_processes_equals_one_process(tmp_path):
     deletion, insertion = deletion_insertion_auc(model, inputs, maps, target, steps=6)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(result["deletion"], deletion.mean().float())
-        torch.testing.assert_close(result["insertion"], insertion.mean().float())
+        torch.testing.assert_close(result["deletion_auc"], deletion.mean().float())
+        torch.testing.assert_close(result["insertion_auc"], insertion.mean().float())
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,6 @@ from mglightning.reporting import (
     save_figure,
     write_results,
 )
-from mglightning.reporting.tensorboard import SCALAR_KEYS
 
 METHODS = (
     "simple_gradient",
@@ -46,14 +45,21 @@ def _row(seed: int, method: str, epsilon: float = 0.5, suffix: str = "") -> Resu
     rng = np.random.default_rng(seed)
     value = {key: float(rng.uniform(0.1, 0.9)) for key in ("distance", "topk", "ssim")}
     cls = EXPLAINERS[method]
+    sparsity = {"gini": float(rng.uniform(0, 1)), "zero_fraction": float(rng.uniform(0, 1))}
+    fidelity = {"deletion_auc": None, "insertion_auc": None}
+    costs = {
+        "attack_success": float(rng.uniform(0, 1)), "seconds_per_image": float(10 ** rng.uniform(-4, 1)),
+        "attack_seconds_per_image": 0.5, "attacked_seconds_per_image": 0.5, "evals_clean": 1.0,
+        "evals_attack": 30.0, "evals_attacked": 1.0, "convex_share": None,
+    }
     return ResultRow(
         method=method + suffix, label=method, explainer=method, display_name=cls.display_name, family=cls.family,
-        epsilon=epsilon, surrogate="self", samples=64,
-        **{key: v for key, v in value.items()},
-        **{f"{key}_ci": (v - 0.05, v + 0.07) for key, v in value.items()},
-        gini=float(rng.uniform(0, 1)), zero_fraction=float(rng.uniform(0, 1)),
-        attack_success=float(rng.uniform(0, 1)), seconds_per_image=float(10 ** rng.uniform(-4, 1)),
-        attack_seconds_per_image=0.5, evals_clean=1.0, evals_attack=30.0, evals_attacked=1.0,
+        epsilon=epsilon, attack="topk", surrogate="self", samples=64,
+        values={**value, **sparsity, **fidelity, **costs},
+        intervals={key: (v - 0.05, v + 0.07) for key, v in value.items()},
+        directions={"distance": False, "topk": True, "ssim": True, "gini": None, "zero_fraction": None,
+                    "deletion_auc": False, "insertion_auc": True},
+        shown_intervals=("distance", "topk", "ssim"),
     )
 
 
@@ -80,7 +86,9 @@ def _grid_inputs(methods, batch=2, channels=3, size=8):
 
 def test_write_results_files_parse_back(tmp_path, rows):
     run_info = {"classifier": str(tmp_path / "model.ckpt"), "dataset": "CIFAR10DataModule", "epsilons": [0.5],
-                "seed": 7, "attack": {"kind": "topk", "steps": 10, "step_size": 0.005, "topk_fraction": 0.4},
+                "seed": 7, "attacks": [{"label": "topk", "class_path": "mglightning.attacks.TopKInterpretationAttack",
+                                        "settings": {"num_steps": 10}}],
+                "metrics": [{"label": "topk", "class_path": "mglightning.metrics.TopKIntersection"}],
                 "explainers": [{"label": "moreaugrad", "display_name": "MoreauGrad", "settings": {"rho": 0.06}}]}
     paths = write_results(rows, tmp_path / "run", run_info=run_info)
     assert set(paths) == {"json", "csv", "md"} and all(path.is_file() for path in paths.values())
@@ -88,8 +96,8 @@ def test_write_results_files_parse_back(tmp_path, rows):
     document = json.loads(paths["json"].read_text())
     assert document["run_info"]["dataset"] == "CIFAR10DataModule"
     assert list(document["results"]) == list(METHODS)
-    assert document["results"]["relex"]["topk"] == rows[5].topk
-    assert document["results"]["relex"]["topk_ci"] == list(rows[5].topk_ci)
+    assert document["results"]["relex"]["values"]["topk"] == rows[5].topk
+    assert document["results"]["relex"]["intervals"]["topk"] == list(rows[5].topk_ci)
 
     with paths["csv"].open(newline="") as handle:
         read = list(csv.DictReader(handle))
@@ -100,12 +108,14 @@ def test_write_results_files_parse_back(tmp_path, rows):
 
     markdown = paths["md"].read_text()
     assert "CIFAR10DataModule" in markdown and "MoreauGrad (rho=0.06)" in markdown and "ε = 0.500" in markdown
+    assert "TopKInterpretationAttack (num_steps=10)" in markdown and "`topk` (TopKIntersection)" in markdown
     assert format_results_table(rows) in markdown
 
 
 def test_markdown_table_rows_and_number_format(rows):
-    rows[6].distance, rows[6].distance_ci, rows[6].seconds_per_image = 0.31234, (0.2, 0.4), 0.000123456
-    rows[5].ssim, rows[5].deletion_auc = float("nan"), 0.25
+    rows[6].values["distance"], rows[6].intervals["distance"] = 0.31234, (0.2, 0.4)
+    rows[6].values["seconds_per_image"] = 0.000123456
+    rows[5].values["ssim"], rows[5].values["deletion_auc"] = float("nan"), 0.25
     lines = format_results_table(rows).splitlines()
     assert len(lines) == 2 + len(METHODS)
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
@@ -116,16 +126,17 @@ def test_markdown_table_rows_and_number_format(rows):
     assert list(table) == list(METHODS)
     assert all(len(cells) == len(header) for cells in table.values())
     assert table["moreaugrad"][1] == "0.312 [0.200, 0.400]"
-    assert table["moreaugrad"][7] == "0.000123"
+    assert table["moreaugrad"][header.index("s / image")] == "0.000123"
+    assert header[4:6] == ["Gini", "zero share"]  # sparsity has no better direction
     assert table["relex"][3].startswith("nan")
     assert table["relex"][header.index("deletion AUC ↓")] == "0.250" and table["smoothgrad"][header.index("deletion AUC ↓")] == "–"
 
 
 def test_results_write_nan_as_null(tmp_path, rows):
-    rows[4].ssim = float("nan")
+    rows[4].values["ssim"] = float("nan")
     paths = write_results(rows, tmp_path, run_info={})
     document = json.loads(paths["json"].read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
-    assert document["results"]["deeplift"]["ssim"] is None
+    assert document["results"]["deeplift"]["values"]["ssim"] is None
     with paths["csv"].open(newline="") as handle:
         read = {row["method"]: row for row in csv.DictReader(handle)}
     assert math.isnan(float(read["deeplift"]["ssim"]))
@@ -144,7 +155,7 @@ def test_docstring_examples_run():
 
 
 def test_robustness_figure_with_one_budget_draws_bars_with_intervals(rows):
-    rows[5].ssim = float("nan")
+    rows[5].values["ssim"] = float("nan")
     figure = robustness_figure(rows, title="CIFAR-10")
     axes = figure.axes
     assert len(axes) == 3
@@ -354,7 +365,7 @@ def test_log_to_tensorboard_writes_each_scalar_once_with_text_figures_and_images
     events.Reload()
     writer.close()
     tags = events.Tags()
-    logged = [key for key in SCALAR_KEYS if getattr(rows[0], key) is not None]
+    logged = [key for key, value in rows[0].values.items() if value is not None]
     intervals = [f"{key}_ci_{end}" for key in ("distance", "topk", "ssim") for end in ("low", "high")]
     assert set(tags["scalars"]) == {f"test/{m}/{key}" for m in methods for key in logged + intervals}
     for row in rows:

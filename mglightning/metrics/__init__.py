@@ -1,12 +1,14 @@
 """Robustness and sparsity metrics of attribution maps (SPEC section 6).
 
-Metric classes (``torchmetrics.Metric``, sum/count states, exact under DDP):
+Metric classes (``SampleMetric``, a ``torchmetrics.Metric`` with sum/count states, exact under DDP, whose
+``measure(MapBatch)`` gives the per-sample values an evaluation records):
 ``NormalizedDistance``, ``TopKIntersection``, ``SaliencySSIM`` (``update(original, attacked)``) and
 ``Sparsity`` (``update(maps)``). Per-sample functional forms live in :mod:`mglightning.metrics.functional`.
 Fidelity of a map to its model: ``DeletionInsertionAUC`` and the per-sample ``deletion_insertion_auc`` /
 ``deletion_insertion_curves`` (:mod:`mglightning.metrics.fidelity`).
 """
 
+from mglightning.metrics.base import MapBatch, SampleMetric
 from mglightning.metrics.fidelity import (
     DeletionInsertionAUC,
     DeletionInsertionCurves,
@@ -28,8 +30,10 @@ from mglightning.metrics.sparsity import Sparsity
 __all__ = [
     "DeletionInsertionAUC",
     "DeletionInsertionCurves",
+    "MapBatch",
     "NormalizedDistance",
     "SaliencySSIM",
+    "SampleMetric",
     "Sparsity",
     "TopKIntersection",
     "deletion_insertion_auc",

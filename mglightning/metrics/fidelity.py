@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
 
 from mglightning.explainers.base import (
     check_inputs,
@@ -34,7 +33,8 @@ from mglightning.explainers.base import (
     chunk_ranges,
     format_target,
 )
-from mglightning.metrics.functional import _check_maps, _mean_compute
+from mglightning.metrics.base import MapBatch, SampleMetric
+from mglightning.metrics.functional import _check_maps
 
 OWNER = "deletion/insertion"
 
@@ -182,17 +182,18 @@ def deletion_insertion_auc(
     )
 
 
-class DeletionInsertionAUC(Metric):
-    """Mean areas under the deletion and insertion curves of attribution maps, for one model.
+class DeletionInsertionAUC(SampleMetric):
+    """Mean areas under the deletion and insertion curves of attribution maps.
 
-    ``update(inputs, maps, target)`` adds a batch; ``compute()`` returns ``{"deletion": mean area (lower is
-    more faithful), "insertion": mean area (higher is more faithful)}``. States are sums and a count reduced
-    with ``"sum"``, so N devices give the value of one. The model is held as a child module (as torchmetrics'
-    FID holds its feature network) and used in its current mode. Per-sample form:
+    ``update(inputs, maps, target)`` adds a batch; ``compute()`` returns ``{"deletion_auc": mean area (lower is
+    more faithful), "insertion_auc": mean area (higher is more faithful)}``. States are sums and a count reduced
+    with ``"sum"``, so N devices give the value of one. In an evaluation it measures each clean map with the
+    evaluated classifier; used alone it takes the model in the constructor (held as a child module, as
+    torchmetrics' FID holds its feature network, and used in its current mode). Per-sample form:
     :func:`deletion_insertion_auc`; conventions in :mod:`mglightning.metrics.fidelity`.
 
     Args:
-        model: the classifier the maps explain (in eval mode).
+        model: the classifier the maps explain (in eval mode), for ``update``; an evaluation passes its own.
         steps: curve points after the first. Default 20.
         baseline: a number or a tensor that broadcasts to the inputs. Default 0.
         internal_batch_size: model input rows per forward pass (None: all at once). Default 256.
@@ -201,18 +202,19 @@ class DeletionInsertionAUC(Metric):
     Example:
         >>> metric = DeletionInsertionAUC(model, steps=20)
         >>> metric.update(images, maps, target=predictions)
-        >>> metric.compute()["deletion"]
+        >>> metric.compute()["deletion_auc"]
     """
 
-    is_differentiable = False
     higher_is_better = None  # deletion: lower is better; insertion: higher is better
-    full_state_update = False
+    outputs = {"deletion_auc": False, "insertion_auc": True}
+    needs_attack = False
+    interval = False
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None = None,
         steps: int = 20,
         baseline: float | Tensor = 0.0,
         internal_batch_size: int | None = 256,
@@ -224,25 +226,22 @@ class DeletionInsertionAUC(Metric):
         self.steps = steps
         self.baseline = baseline
         self.internal_batch_size = internal_batch_size
-        self.add_state("deletion_total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("insertion_total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def _areas(self, model: nn.Module, inputs: Tensor, maps: Tensor, target: int | Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            deletion, insertion = deletion_insertion_auc(
+                model, inputs, maps, target, self.steps, self.baseline, self.internal_batch_size
+            )
+        return {"deletion_auc": deletion, "insertion_auc": insertion}
+
+    def measure(self, batch: MapBatch) -> dict[str, Tensor]:
+        return self._areas(batch.model, batch.inputs, batch.clean.detach(), batch.target)
 
     def update(self, inputs: Tensor, maps: Tensor, target: int | Tensor) -> None:
         """Add a batch of images ``(B, C, H, W)``, their signed maps and the explained classes."""
-        deletion, insertion = deletion_insertion_auc(
-            self.model, inputs, maps, target, self.steps, self.baseline, self.internal_batch_size
-        )
-        self.deletion_total += deletion.sum().to(self.deletion_total.dtype)
-        self.insertion_total += insertion.sum().to(self.insertion_total.dtype)
-        self.count += deletion.numel()
-
-    def compute(self) -> dict[str, Tensor]:
-        """``{"deletion": ..., "insertion": ...}``, each a mean over all samples seen (NaN before any)."""
-        return {
-            "deletion": _mean_compute(self.deletion_total, self.count),
-            "insertion": _mean_compute(self.insertion_total, self.count),
-        }
+        if self.model is None:
+            raise ValueError("DeletionInsertionAUC.update needs the model: DeletionInsertionAUC(model, ...).")
+        self.accumulate(self._areas(self.model, inputs, maps, target))
 
 
 __all__ = [

@@ -11,40 +11,30 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from mglightning.metrics.base import MapBatch, SampleMetric
 from mglightning.metrics.functional import (
     _check_fraction,
-    _mean_compute,
     _normalized_distance_update,
     _saliency_ssim_update,
     _topk_intersection_update,
 )
 
 
-class _MeanOverSamples(Metric):
-    """A per-sample value of two map batches, averaged over every sample seen (on every device)."""
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+class _MeanOverSamples(SampleMetric):
+    """A per-sample value of two map batches (clean and attacked), averaged over every sample seen."""
 
     def _per_sample(self, original: Tensor, attacked: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def measure(self, batch: MapBatch) -> dict[str, Tensor]:
+        (name,) = self.outputs
+        return {name: self._per_sample(batch.clean, batch.attacked)}
+
     def update(self, original: Tensor, attacked: Tensor) -> None:
         """Add a batch of clean maps and the matching attacked maps, both signed ``(B, C, H, W)``."""
-        values = self._per_sample(original, attacked)
-        self.total += values.sum().to(self.total.dtype)
-        self.count += values.numel()
-
-    def compute(self) -> Tensor:
-        """Mean over all samples seen (NaN before the first update)."""
-        return _mean_compute(self.total, self.count)
+        (name,) = self.outputs
+        self.accumulate({name: self._per_sample(original, attacked)})
 
 
 class NormalizedDistance(_MeanOverSamples):
@@ -65,6 +55,7 @@ class NormalizedDistance(_MeanOverSamples):
     """
 
     higher_is_better = False
+    outputs = {"distance": False}
     plot_lower_bound = 0.0
     plot_upper_bound = 2.0
 
@@ -92,6 +83,7 @@ class TopKIntersection(_MeanOverSamples):
     """
 
     higher_is_better = True
+    outputs = {"topk": True}
     plot_lower_bound = 0.0
     plot_upper_bound = 1.0
 
@@ -124,6 +116,7 @@ class SaliencySSIM(_MeanOverSamples):
     """
 
     higher_is_better = True
+    outputs = {"ssim": True}
     plot_upper_bound = 1.0
 
     def _per_sample(self, original: Tensor, attacked: Tensor) -> Tensor:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from mglightning.metrics.functional import _mean_compute, _sparsity_update
+from mglightning.metrics.base import MapBatch, SampleMetric
+from mglightning.metrics.functional import _sparsity_update
 
 
-class Sparsity(Metric):
+class Sparsity(SampleMetric):
     """Sparsity of attribution maps: the mean Gini index and the mean share of exactly-zero entries.
 
     Unlike the robustness metrics, it measures one batch of maps: ``update(maps)``. The Gini index is that of
@@ -31,26 +28,16 @@ class Sparsity(Metric):
         {'gini': 0.375, 'zero_fraction': 0.375}
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
+    outputs = {"gini": None, "zero_fraction": None}  # sparser, not better
+    needs_attack = False
+    interval = False
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("gini_total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("zero_fraction_total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+    def measure(self, batch: MapBatch) -> dict[str, Tensor]:
+        gini, zero_share = _sparsity_update(batch.clean)
+        return {"gini": gini, "zero_fraction": zero_share}
 
     def update(self, maps: Tensor) -> None:
         """Add a batch of signed maps ``(B, C, H, W)``."""
         gini, zero_share = _sparsity_update(maps)
-        self.gini_total += gini.sum().to(self.gini_total.dtype)
-        self.zero_fraction_total += zero_share.sum().to(self.zero_fraction_total.dtype)
-        self.count += gini.numel()
-
-    def compute(self) -> dict[str, Tensor]:
-        """``{"gini": ..., "zero_fraction": ...}``, each a mean over all samples seen (NaN before any)."""
-        return {
-            "gini": _mean_compute(self.gini_total, self.count),
-            "zero_fraction": _mean_compute(self.zero_fraction_total, self.count),
-        }
+        self.accumulate({"gini": gini, "zero_fraction": zero_share})

@@ -1,120 +1,131 @@
-"""The evaluation LightningModule: explain, attack, explain again and measure, on any number of devices.
+"""The evaluation LightningModule: a thin shell around `mglightning.evaluation.measure_batch`.
 
-Every evaluated sample becomes one record per (method, budget), streamed to `<run_dir>/records/` as the run
-goes (`mglightning.reporting.records`); the tables, intervals and figures are computed from those records at the
-end (`mglightning.reporting.report`), so a stopped run resumes where it stopped and a finished one can be
-re-reported offline.
+It handles what a single batch does not: the devices (each sample exactly once, any number of processes), the
+run folder (its lock, resume, `--overwrite`), writing each batch's records and grid samples, the progress bar,
+the device-aggregated metrics for TensorBoard and, at the end, the report (`mglightning.reporting.report`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import platform
 import sys
-import time
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from mglightning.attacks import GaussianNoise, TopKInterpretationAttack
-from mglightning.data.evaluation import sample_seeds
-from mglightning.explainers.base import Explainer, check_finite_scores
-from mglightning.metrics.fidelity import deletion_insertion_auc
-from mglightning.metrics.functional import (
-    _normalized_distance_update,
-    _saliency_ssim_update,
-    _sparsity_update,
-    _topk_intersection_update,
+from mglightning.attacks import Attack
+from mglightning.evaluation.description import (
+    AttackSpec,
+    ExplainerSpec,
+    MetricSpec,
+    RowSpec,
+    RunDescription,
+    RunDescriptionError,
 )
-from mglightning.explainers.diagnostics import corollary_bound, local_convexity
+from mglightning.evaluation.measure import (
+    AttackFactory,
+    GridSample,
+    default_attacks,
+    default_metrics,
+    measure_batch,
+    method_rows,
+    metric_columns,
+)
+from mglightning.evaluation.records import RecordWriter, atomic_write_bytes, read_records, recorded_indices
+from mglightning.evaluation.run_folder import RunLock, move_aside
+from mglightning.explainers.base import Explainer
 from mglightning.models.loading import ClassifierSource, build_classifier
-from mglightning.reporting import RecordWriter, load_run_info, recorded_indices, report
-from mglightning.reporting.results import atomic_write_text
+from mglightning.metrics import SampleMetric
+from mglightning.reporting import report
 
 ExplainerFactory = Callable[[nn.Module], Explainer]
 
 
+class RunComplete(Exception):
+    """The run folder already holds every planned sample's records: nothing is left to evaluate."""
+
+    def __init__(self, run_dir: Path, samples: int) -> None:
+        super().__init__(f"{run_dir} is complete: all {samples} samples are recorded.")
+        self.run_dir = run_dir
+        self.samples = samples
+
+
 class ExplanationEvaluator(pl.LightningModule):
-    """Robustness of explanations under an interpretation attack (the paper's section 6.4), run by `trainer.test`.
+    """Robustness of explanations under interpretation attacks (the paper's section 6.4), run by `trainer.test`.
 
-    For every test sample: the prediction, each method's clean map, the attack on that method under each budget,
-    the attacked map, the metrics of SPEC section 6, the time and the gradient evaluations spent. Each sample's
-    results are written as records to `<run_dir>/records/` when its batch is done; at the end rank 0 computes
-    the results rows with 95% bootstrap intervals, writes `results.json/.csv/.md` and the figures into the run
-    folder, prints the table and logs the same to TensorBoard.
+    For every test sample, explainer, budget and attack: the clean map, the attack, the attacked map and every
+    metric (`mglightning.evaluation.measure_batch`), written as records to `<run_dir>/records/` when the batch is
+    done. At the end rank 0 computes the results rows (with several attacks, each sample at its worst case over
+    them) with 95% bootstrap intervals, writes `results.json/.csv/.md` and the figures, prints the table and logs
+    the same to TensorBoard, with the device-aggregated means of every metric under each attack.
 
-    Samples are split over devices exactly once (the datamodule's evaluation loader, `evaluate_on`) and noise
-    seeds come from `seed` and the dataset index, so the records do not depend on the number of devices or the
-    batch size. A run folder that already holds records of the same evaluation (same settings, classifier file
-    and data: `run.json`'s fingerprint) is resumed: its recorded samples are skipped. A folder of a different
-    evaluation is refused.
+    Samples are split over devices exactly once and noise seeds come from `seed` and the dataset index, so the
+    records do not depend on the number of devices or the batch size. A run folder that already holds records of
+    the same evaluation (`run.json`'s fingerprint) is resumed; one of another evaluation is refused without a
+    change, unless `overwrite` moves its contents aside first. One process at a time holds the folder's lock.
 
-    Run with `trainer.test(evaluator, datamodule=datamodule)`, the trainer built with `inference_mode=False`
+    Run with `trainer.test(evaluator, datamodule=datamodule)` on a trainer with `inference_mode=False`
     (`evaluate.py` does all this).
 
     Args:
         classifier: the classifier: a `train.py` checkpoint path, or a `ClassifierSource` (`{checkpoint}`,
-            `{arch: timm/<name>, pretrained: true}`, `{arch, weights}`, `{module: {class_path, init_args}}`;
-            `mglightning.models.build_classifier`), with the data's normalisation as its first layer.
-        explainers: `{label: factory}`, each factory taking the model and returning an explainer, e.g. an
-            explainer class or, in YAML, `{class_path: mglightning.explainers.MoreauGrad, init_args: {rho: 0.06}}`.
-            The label names the method's results rows (several entries may use one class with other settings).
-        epsilon: the attack's L2 budget in [0, 1] pixel units, or a list of budgets (one results row per
-            explainer and budget, named `<label>@eps=<budget>`).
-        attack: `topk` (the L2-bounded top-k interpretation attack) or `gaussian` (random noise of norm epsilon).
-        attack_steps: iterations of the top-k attack.
-        attack_step_size: its step size (default `epsilon / 100`, as the official code).
-        topk_fraction: share of the clean map's non-zero entries in the top-k set (attack and metric).
-        surrogate: `self` (attack each method through its own differentiable map, or its declared surrogate)
-            or `simple_gradient` (attack every method through the simple gradient).
+            `{arch: timm/<name>, pretrained: true}`, `{arch, weights}`, `{module: {class_path, init_args}}`),
+            with the data's normalisation as its first layer.
+        explainers: `{label: explainer}` in YAML as `{class_path: mglightning.explainers.MoreauGrad, init_args:
+            {rho: 0.06}}` (the model is passed in); the label names the method's results rows.
+        attacks: `{label: attack}` in YAML as `{class_path: mglightning.attacks.TopKInterpretationAttack,
+            init_args: {num_steps: 10}}` (the explainer and budget are passed in); your own attack subclasses
+            `mglightning.attacks.Attack`. With several, each sample counts at its worst case over them. Default:
+            `{topk: TopKInterpretationAttack}`.
+        metrics: `{label: metric}` in YAML as `{class_path: mglightning.metrics.TopKIntersection, init_args:
+            {fraction: 0.4}}`; your own metric subclasses `mglightning.metrics.SampleMetric`. Default: distance,
+            top-k intersection, SSIM and sparsity.
+        epsilon: the attacks' L2 budget in [0, 1] pixel units, or a list of budgets (one results row per explainer
+            and budget, named `<label>@eps=<budget>`).
         target: explain the model's `prediction` (default) or the dataset `label`.
         max_samples: evaluate the first `max_samples` test samples (all when None); capped at the test set size.
         seed: global seed of every noise draw and of the bootstrap.
         grid_samples: samples shown in the saliency grid (the first dataset indices).
         bootstrap_samples: resamples of the bootstrap intervals.
-        fidelity_steps: with `n > 0`, the fidelity of every clean map to the model: the areas under the deletion
-            and insertion curves of `n` steps (`mglightning.metrics.deletion_insertion_auc`; results columns
-            `deletion_auc` ↓ and `insertion_auc` ↑, figure `fidelity.png`). 0 (default) skips it.
         warm_start: start every MoreauGrad solve of the attack from the previous step's solution, and the attacked
             map from the last attack iterate's (the fast preset, with `tol` in the explainers); default cold starts.
         convexity_iterations: with `n > 0`, estimate per sample the weak convexity `lambda` of the explained score
-            by `n` power iterations on Hessian-vector products (`mglightning.explainers.diagnostics`), and record for
-            each MoreauGrad-family row whether `rho < 1 / lambda` (results column `convex share`) and Corollary 1's
-            bound. A local estimate, not a certificate. 0 (default) skips it.
-        run_dir: the run folder; default the logger's folder (`trainer.log_dir`).
-        note: a remark printed under the results table and written into `results.md` (e.g. what the data can and
-            cannot show).
-        num_classes, image_size, in_chans, mean, std: the data's, for building and checking the classifier
-            (`evaluate.py` links them from the datamodule).
+            by `n` power iterations on Hessian-vector products, and record for each MoreauGrad-family row whether
+            `rho < 1 / lambda` (results column `convex share`) and Corollary 1's bound. 0 (default) skips it.
+        run_dir: the run folder; default the logger's folder (`trainer.log_dir`). `evaluate.py` sets it.
+        overwrite: when `run_dir` holds another evaluation, move its contents into `run_dir/replaced-<time>/`
+            (only after the new evaluation has been checked) instead of refusing it.
+        note: a remark printed under the results table and written into `results.md`.
+        num_classes: the data's class count, for checking the classifier (`evaluate.py` links it from the data).
+        image_size: the data's image size, likewise.
+        in_chans: the data's channel count, likewise.
+        mean: the data's per-channel mean, for the classifier's normalisation layer.
+        std: the data's per-channel standard deviation, likewise.
     """
 
     def __init__(
         self,
         classifier: ClassifierSource | str | None,
         explainers: dict[str, ExplainerFactory],
+        attacks: dict[str, Callable[[Explainer, float], Attack]] | None = None,
+        metrics: dict[str, SampleMetric] | None = None,
         epsilon: float | list[float] = 0.5,
-        attack: Literal["topk", "gaussian"] = "topk",
-        attack_steps: int = 10,
-        attack_step_size: float | None = None,
-        topk_fraction: float = 0.4,
-        surrogate: Literal["self", "simple_gradient"] = "self",
         target: Literal["prediction", "label"] = "prediction",
         max_samples: int | None = None,
         seed: int = 0,
         grid_samples: int = 4,
         bootstrap_samples: int = 1000,
-        fidelity_steps: int = 0,
         warm_start: bool = False,
         convexity_iterations: int = 0,
         run_dir: str | None = None,
+        overwrite: bool = False,
         note: str | None = None,
         num_classes: int | None = None,
         image_size: int | None = None,
@@ -132,31 +143,27 @@ class ExplanationEvaluator(pl.LightningModule):
             )
         if max_samples is not None and max_samples < 1:
             raise ValueError(f"max_samples must be positive (or null for the whole test set), got {max_samples}.")
-        if isinstance(fidelity_steps, bool) or not isinstance(fidelity_steps, int) or fidelity_steps < 0:
-            raise ValueError(f"fidelity_steps must be an integer >= 0 (0 skips the fidelity curves), got {fidelity_steps!r}.")
         if bootstrap_samples < 1:
             raise ValueError(f"bootstrap_samples must be positive, got {bootstrap_samples}.")
+        if isinstance(convexity_iterations, bool) or not isinstance(convexity_iterations, int) or convexity_iterations < 0:
+            raise ValueError(f"convexity_iterations must be an integer >= 0 (0 skips it), got {convexity_iterations!r}.")
         epsilons = [float(e) for e in (epsilon if isinstance(epsilon, (list, tuple)) else [epsilon])]
         if not epsilons:
             raise ValueError("Give at least one attack budget epsilon.")
+        if attacks is not None and not attacks:
+            raise ValueError("Give at least one attack, e.g. `attacks: {topk: {class_path: "
+                             "mglightning.attacks.TopKInterpretationAttack}}` (or leave `attacks` out).")
         self.classifier_source = classifier
         self.epsilons = epsilons
-        self.attack_kind = attack
-        self.attack_steps = attack_steps
-        self.attack_step_size = attack_step_size
-        self.topk_fraction = topk_fraction
-        self.surrogate = surrogate
         self.target_kind = target
         self.max_samples = max_samples
         self.seed = seed
         self.grid_samples = grid_samples
         self.bootstrap_samples = bootstrap_samples
-        self.fidelity_steps = fidelity_steps
         self.warm_start = bool(warm_start)
-        if isinstance(convexity_iterations, bool) or not isinstance(convexity_iterations, int) or convexity_iterations < 0:
-            raise ValueError(f"convexity_iterations must be an integer >= 0 (0 skips it), got {convexity_iterations!r}.")
         self.convexity_iterations = convexity_iterations
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.overwrite = bool(overwrite)
         self.note = note
 
         self.classifier = build_classifier(
@@ -173,26 +180,28 @@ class ExplanationEvaluator(pl.LightningModule):
                     "class_path: mglightning.explainers.<Method>."
                 )
             self.explainers[str(label)] = explainer
-
-        # One results row per (explainer, budget); named after the explainer alone when one budget is evaluated.
-        self.rows: list[tuple[str, str, float]] = [
-            (label if len(epsilons) == 1 else f"{label}@eps={eps:g}", label, eps)
-            for label in self.explainers
-            for eps in epsilons
-        ]
+        self.attack_factories: dict[str, AttackFactory] = dict(attacks) if attacks is not None else default_attacks()
+        self.metrics = dict(metrics) if metrics is not None else default_metrics()
+        self.columns = metric_columns(self.metrics)
+        self.rows = method_rows(list(self.explainers), epsilons)
+        # Every attack is built once, here, so that a misspelt or impossible setting fails before the run.
         self.attacks = {}
-        for row, label, eps in self.rows:
-            if attack == "topk":
-                self.attacks[row] = TopKInterpretationAttack(
-                    self.explainers[label], epsilon=eps, num_steps=attack_steps, step_size=attack_step_size,
-                    topk_fraction=topk_fraction, surrogate=surrogate, warm_start=self.warm_start,
-                )
-            else:
-                self.attacks[row] = GaussianNoise(self.explainers[label], eps)
+        for _, label, eps in self.rows:
+            for attack_label, factory in self.attack_factories.items():
+                try:
+                    self.attacks[(label, eps, attack_label)] = factory(self.explainers[label], eps)
+                except (TypeError, ValueError) as error:
+                    raise ValueError(f"attacks[{attack_label!r}] on explainers[{label!r}] at ε={eps:g}: {error}") from None
+        # The device-aggregated mean of every metric, per results row and attack (torchmetrics states, synced).
+        self.aggregates = nn.ModuleList(
+            [metric.clone() for _ in self.rows for _ in self.attack_factories for metric in self.metrics.values()]
+        )
         self.result_rows = None  # the ResultRows, on rank 0 after the run
         self.output_paths: dict[str, Path] = {}
-        self._progress = None
+        self.description: RunDescription | None = None
+        self._progress: _Progress | None = None
         self._writer: RecordWriter | None = None
+        self._lock: RunLock | None = None
 
     # ------------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -214,20 +223,43 @@ class ExplanationEvaluator(pl.LightningModule):
         log_dir = self.trainer.log_dir
         run_dir = self.run_dir or Path(log_dir or self.trainer.default_root_dir)
         self.run_dir = run_dir
-        run_info = self._run_info(datamodule, planned)
-        _check_run_folder(run_dir, run_info)  # every rank, so a foreign folder fails everywhere alike
-        self.trainer.strategy.barrier("run folder checked")
-        if self.trainer.is_global_zero and not (run_dir / "run.json").is_file():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2, default=str) + "\n")
-        done = recorded_indices(run_dir, [row for row, _, _ in self.rows])
-        self.trainer.strategy.barrier("records read")
+        description = self.describe(datamodule, planned)
+        self.description = description
+        strategy = self.trainer.strategy
+        if self.trainer.is_global_zero:
+            self._lock = RunLock(run_dir).acquire()
+        strategy.barrier("run folder locked")
+        existing = _existing_description(run_dir)
+        if existing is not None and existing.fingerprint != description.fingerprint and not self.overwrite:
+            self._release()
+            changed = existing.differences(description) if isinstance(existing, RunDescription) else ["unreadable"]
+            raise ValueError(
+                f"{run_dir} holds an evaluation with other settings (differing: {', '.join(changed) or 'unknown'}), "
+                "so its records cannot be resumed; nothing in it was changed. Evaluate into a new folder "
+                "(evaluate.py makes one unless --resume is given), or pass --overwrite true to move the old run "
+                "aside and start afresh."
+            )
+        strategy.barrier("run folder checked")
+        if self.trainer.is_global_zero:
+            if existing is not None and self.overwrite:
+                aside = move_aside(run_dir)
+                print(f"--overwrite: the previous run in {run_dir} was moved to {aside}.")
+            description.save(run_dir)
+        strategy.barrier("run described")
+        rows = [row for row, _, _ in self.rows]
+        done = recorded_indices(run_dir, rows, list(self.attack_factories), description.metric_columns)
+        strategy.barrier("records read")
         remaining = [index for index in range(planned) if index not in done]
+        if not remaining:
+            self._release()
+            raise RunComplete(run_dir, planned)
         if done and self.trainer.is_global_zero:
             print(f"Resuming {run_dir}: {len(done)} of {planned} samples already recorded, {len(remaining)} to go.")
         datamodule.evaluate_on(remaining)
         self._remaining = remaining
-        self._writer = RecordWriter(run_dir, self.trainer.global_rank)
+        self._writer = RecordWriter(run_dir, self.trainer.global_rank, description.metric_columns)
+        if done and self.trainer.is_global_zero:
+            self._accumulate(read_records(run_dir, description.metric_columns))
 
     def _check_shapes(self, datamodule) -> None:
         """Settings that depend on the image size (e.g. `group_size`) fail here, before the first batch."""
@@ -238,70 +270,60 @@ class ExplanationEvaluator(pl.LightningModule):
             except ValueError as error:
                 raise ValueError(f"explainers[{label!r}]: {error}") from None
 
-    def _run_info(self, datamodule, planned: int) -> dict[str, Any]:
-        explainers = [
-            {
-                "label": label,
-                "name": explainer.name,
-                "display_name": explainer.display_name,
-                "family": explainer.family,
-                "class": f"{type(explainer).__module__}.{type(explainer).__qualname__}",
-                "settings": {name: getattr(explainer, name) for name in explainer.settings()},
-            }
-            for label, explainer in self.explainers.items()
-        ]
-        rows = [
-            {
-                "method": row,
-                "label": label,
-                "explainer": self.explainers[label].name,
-                "display_name": self._display_name(label, eps),
-                "family": self.explainers[label].family,
-                "epsilon": eps,
-                "surrogate": getattr(self.attacks[row], "surrogate_name", "none (random noise)"),
-            }
-            for row, label, eps in self.rows
-        ]
-        attack = {"kind": self.attack_kind}
-        if self.attack_kind == "topk":
-            attack.update(
-                steps=self.attack_steps,
-                step_size=self.attack_step_size if self.attack_step_size is not None else "epsilon / 100",
-                topk_fraction=self.topk_fraction,
-                surrogate=self.surrogate,
+    def describe(self, datamodule, planned: int) -> RunDescription:
+        """The run's description: every setting that changes a record, and how to report them."""
+        explainers = tuple(
+            ExplainerSpec(
+                label=label, name=explainer.name, display_name=explainer.display_name, family=explainer.family,
+                class_path=_class_path(type(explainer)),
+                settings={name: getattr(explainer, name) for name in explainer.settings()},
             )
+            for label, explainer in self.explainers.items()
+        )
+        attacks = tuple(
+            AttackSpec(label=label, name=getattr(_factory_class(factory), "name", label),
+                       class_path=_class_path(_factory_class(factory)), settings=_factory_settings(factory))
+            for label, factory in self.attack_factories.items()
+        )
+        metrics = tuple(
+            MetricSpec(
+                label=label, class_path=_class_path(type(metric)), settings=_metric_settings(metric),
+                columns={column: metric.outputs[output] for column, (owner, output) in self.columns.items()
+                         if owner == label},
+                needs_attack=metric.needs_attack, interval=metric.interval,
+                bounds=(getattr(metric, "plot_lower_bound", None), getattr(metric, "plot_upper_bound", None)),
+            )
+            for label, metric in self.metrics.items()
+        )
+        rows = tuple(
+            RowSpec(
+                method=row, label=label, explainer=self.explainers[label].name,
+                display_name=self.explainers[label].display_name + ("" if len(self.epsilons) == 1 else f" (ε={eps:g})"),
+                family=self.explainers[label].family, epsilon=eps,
+                surrogates={attack_label: getattr(self.attacks[(label, eps, attack_label)], "surrogate_name", "none")
+                            for attack_label in self.attack_factories},
+            )
+            for row, label, eps in self.rows
+        )
         data_settings = {
             key: value
             for key, value in dict(getattr(datamodule, "hparams", {})).items()
             if key not in ("batch_size", "num_workers", "pin_memory")
         }
-        evaluation = {
-            "classifier": str(self.classifier_source),
-            "classifier_sha256": _file_sha256(_weights_file(self.classifier_source)),
-            "dataset": type(datamodule).__name__,
-            "data_settings": data_settings,
-            "test_set_size": len(datamodule.test_dataset),
-            "planned_samples": planned,
-            "explainers": explainers,
-            "rows": rows,
-            "epsilons": self.epsilons,
-            "attack": attack,
-            "target": self.target_kind,
-            "seed": self.seed,
-            "fidelity_steps": self.fidelity_steps,
-            "warm_start": self.warm_start,
-            "convexity_iterations": self.convexity_iterations,
-        }
-        fingerprint = hashlib.sha256(json.dumps(evaluation, sort_keys=True, default=str).encode()).hexdigest()
-        return {
-            **evaluation,
-            "fingerprint": fingerprint,
-            "bootstrap_samples": self.bootstrap_samples,
-            "grid_samples": self.grid_samples,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__},
-            "title": f"{type(datamodule).__name__}, {self.attack_kind} attack",
-            "note": self.note,
-        }
+        attack_names = ", ".join(self.attack_factories)
+        return RunDescription(
+            classifier=str(self.classifier_source),
+            classifier_sha256=_file_sha256(_weights_file(self.classifier_source)),
+            dataset=type(datamodule).__name__, data_settings=data_settings,
+            test_set_size=len(datamodule.test_dataset), planned_samples=planned,
+            explainers=explainers, attacks=attacks, metrics=metrics, rows=rows, epsilons=tuple(self.epsilons),
+            target=self.target_kind, seed=self.seed, warm_start=self.warm_start,
+            convexity_iterations=self.convexity_iterations, bootstrap_samples=self.bootstrap_samples,
+            grid_samples=self.grid_samples,
+            versions={"python": platform.python_version(), "torch": torch.__version__},
+            title=f"{type(datamodule).__name__}, {attack_names} attack" + ("s" if len(self.attack_factories) > 1 else ""),
+            note=self.note,
+        )
 
     # ------------------------------------------------------------------------------------------- the run
     def on_test_start(self) -> None:
@@ -312,175 +334,144 @@ class ExplanationEvaluator(pl.LightningModule):
             )
         self.classifier.eval()
         share = len(self._remaining[self.trainer.global_rank :: self.trainer.world_size])
-        self._progress_unit = "samples" if self.trainer.world_size == 1 else f"samples of rank 0 (1/{self.trainer.world_size})"
-        self._progress = tqdm(
-            total=share, desc=self._progress_unit, unit="sample", dynamic_ncols=True, file=sys.stderr,
-            disable=not self.trainer.is_global_zero or share == 0,
-            bar_format="{n:.1f}/{total} {desc} |{bar}| {elapsed} elapsed, {remaining} left",
-        )
+        unit = "samples" if self.trainer.world_size == 1 else f"samples of rank 0 (1/{self.trainer.world_size})"
+        self._progress = _Progress(share, unit, enabled=self.trainer.is_global_zero and share > 0)
 
     def test_step(self, batch, batch_idx: int) -> None:
         images, labels, indices = batch
-        with torch.no_grad():
-            logits = self.classifier(images)
-        check_finite_scores(logits, f"{type(self.classifier).__name__} ({self.classifier_source})")
-        predictions = logits.argmax(dim=1)
-        target = predictions if self.target_kind == "prediction" else labels
-        seeds = sample_seeds(self.seed, indices.cpu())
-        batch_size = len(images)
-        base = {
-            "index": indices.tolist(), "label": labels.tolist(), "prediction": predictions.tolist(),
-            "target": target.tolist(),
-        }
-        records: list[dict[str, Any]] = []
-        grid = self._grid_part(images, labels, predictions, indices)
-        step = 1.0 / len(self.rows)
+        measured = measure_batch(
+            self.classifier, images, labels, indices, explainers=self.explainers, epsilons=self.epsilons,
+            attacks=self.attack_factories, metrics=self.metrics, seed=self.seed, target=self.target_kind,
+            warm_start=self.warm_start, convexity_iterations=self.convexity_iterations,
+            grid_samples=self.grid_samples, rank=self.trainer.global_rank, built_attacks=self.attacks,
+            model_name=f"{type(self.classifier).__name__} ({self.classifier_source})",
+            progress=self._progress.describe if self._progress is not None else None,
+        )
+        # The grid samples first: a batch whose records exist always has its grid samples, so a resumed run
+        # that skips it misses nothing.
+        if measured.grid is not None:
+            self._save_grid(measured.grid)
+        self._writer.write(measured.records)
+        self._accumulate(_frame(measured.records))
+        if self._progress is not None:
+            self._progress.advance(len(images))
 
-        for label, explainer in self.explainers.items():
-            self._show(label, None)
-            started = _clock(images)
-            explained = explainer.explain(images, target, seeds=seeds)
-            clean = explained.attribution
-            seconds_clean = (_clock(images) - started) / batch_size
-            evals_clean = explained.gradient_evaluations.double().tolist()
-            clean_solution = explained.solution if self.warm_start else None
-            convexity = None
-            if self.convexity_iterations and explainer.family == "moreaugrad":
-                convexity = local_convexity(
-                    self.classifier, images, target, rho=explainer.rho, num_iterations=self.convexity_iterations,
-                    score=explainer.score,
-                )
-            gini, zero_share = _sparsity_update(clean.detach())
-            fidelity = {}
-            if self.fidelity_steps:
-                with torch.no_grad():
-                    deletion, insertion = deletion_insertion_auc(
-                        self.classifier, images, clean.detach(), target, steps=self.fidelity_steps
-                    )
-                fidelity = {"deletion_auc": deletion.tolist(), "insertion_auc": insertion.tolist()}
-            for row, row_label, eps in self.rows:
-                if row_label != label:
-                    continue
-                self._show(label, eps)
-                started = _clock(images)
-                attack = self.attacks[row]
-                result = attack.run(images, target, seeds=seeds, initial=clean_solution)
-                attacked_images, moved = result.inputs, result.moved
-                seconds_attack = (_clock(images) - started) / batch_size
-                evals_attack = result.gradient_evaluations.double().tolist()
-                started = _clock(images)
-                attacked_explanation = explainer.explain(
-                    attacked_images, target, seeds=seeds, initial=result.solution if self.warm_start else None
-                )
-                attacked = attacked_explanation.attribution
-                seconds_attacked = (_clock(images) - started) / batch_size
-                evals_attacked = attacked_explanation.gradient_evaluations.double().tolist()
-                metrics = {
-                    "distance": _normalized_distance_update(clean, attacked),
-                    "topk": _topk_intersection_update(clean, attacked, self.topk_fraction),
-                    "ssim": _saliency_ssim_update(clean, attacked),
-                }
-                diagnostic = {}
-                if convexity is not None:
-                    diagnostic = {
-                        "weak_convexity": convexity.weak_convexity.tolist(),
-                        "convex": convexity.convex.float().tolist(),
-                        "bound": [
-                            value if math.isfinite(value) else None
-                            for value in corollary_bound(convexity.weak_convexity, explainer.rho, eps).tolist()
-                        ],
-                    }
-                for position in range(batch_size):
-                    records.append(
-                        {
-                            **{key: values[position] for key, values in base.items()},
-                            "method": row,
-                            "explainer": explainer.name,
-                            "epsilon": eps,
-                            **{key: float(values[position]) for key, values in metrics.items()},
-                            "gini": float(gini[position]),
-                            "zero_fraction": float(zero_share[position]),
-                            **{key: values[position] for key, values in fidelity.items()},
-                            **{key: values[position] for key, values in diagnostic.items()},
-                            "moved": bool(moved[position]),
-                            "seconds_clean": seconds_clean,
-                            "seconds_attack": seconds_attack,
-                            "seconds_attacked": seconds_attacked,
-                            "evals_clean": evals_clean[position],
-                            "evals_attack": evals_attack[position],
-                            "evals_attacked": evals_attacked[position],
-                            "rank": self.trainer.global_rank,
-                        }
-                    )
-                if grid is not None:
-                    keep = grid["keep"]
-                    grid["clean"][row] = clean[keep].detach().cpu()
-                    grid["attacked_input"][row] = attacked_images[keep].detach().cpu()
-                    grid["attacked"][row] = attacked[keep].detach().cpu()
-                if self._progress is not None:
-                    self._progress.update(batch_size * step)
-        # The batch's records land in one file, only once all its methods are done.
-        self._writer.write(records)
-        if grid is not None:
-            self._save_grid(grid)
+    def _accumulate(self, frame) -> None:
+        """Add the metric values of records (new, or recorded by an earlier run) to the aggregated metrics."""
+        position = 0
+        for row, _, _ in self.rows:
+            for attack_label in self.attack_factories:
+                part = frame[(frame["method"] == row) & (frame["attack"] == attack_label)]
+                for label, metric in self.metrics.items():
+                    aggregate = self.aggregates[position]
+                    position += 1
+                    if len(part):
+                        aggregate.accumulate({
+                            output: torch.tensor(part[column].to_numpy(dtype="float64"))
+                            for column, (owner, output) in self.columns.items() if owner == label
+                        })
 
-    def _show(self, label: str, epsilon: float | None) -> None:
-        if self._progress is not None and not self._progress.disable:
-            what = f"{label}: clean map" if epsilon is None else f"{label}: attack at ε={epsilon:g}"
-            self._progress.set_description_str(f"{self._progress_unit} · {what}", refresh=True)
+    def _save_grid(self, grid: GridSample) -> None:
+        import io
 
-    def _grid_part(self, images: Tensor, labels: Tensor, predictions: Tensor, indices: Tensor) -> dict | None:
-        keep = (indices < self.grid_samples).cpu()
-        if not keep.any():
-            return None
-        return {
-            "keep": keep, "index": indices.cpu()[keep], "image": images.cpu()[keep], "label": labels.cpu()[keep],
-            "prediction": predictions.cpu()[keep], "clean": {}, "attacked_input": {}, "attacked": {},
-        }
-
-    def _save_grid(self, grid: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save(grid.to_dict(), buffer)
         folder = self.run_dir / "grid"
         folder.mkdir(parents=True, exist_ok=True)
-        grid = {key: value for key, value in grid.items() if key != "keep"}
-        grid["display_names"] = {row: self._display_name(label, eps) for row, label, eps in self.rows}
-        grid["families"] = {row: self.explainers[label].family for row, label, _ in self.rows}
-        name = f"rank{self.trainer.global_rank:03d}-{int(grid['index'].min())}.pt"
-        torch.save(grid, folder / f".{name}.tmp")
-        (folder / f".{name}.tmp").replace(folder / name)
-
-    def _display_name(self, label: str, epsilon: float) -> str:
-        """A results row's name in tables and figures: the method's, with the budget when there are several."""
-        suffix = "" if len(self.epsilons) == 1 else f" (ε={epsilon:g})"
-        return self.explainers[label].display_name + suffix
+        atomic_write_bytes(folder / f"samples-{int(grid.index.min())}-rank{self.trainer.global_rank:03d}.pt",
+                           buffer.getvalue())
 
     def on_test_epoch_end(self) -> None:
         if self._progress is not None:
             self._progress.close()
-        # Every rank's records are on disk before rank 0 reads them.
+        # Every rank's records are on disk before rank 0 reads them, and every rank takes part in the sync.
         self.trainer.strategy.barrier("records written")
+        with warnings.catch_warnings():  # a rank that evaluated no sample has nothing to add, which is fine
+            warnings.filterwarnings("ignore", message=".*compute.*was called before the.*update")
+            aggregated = [metric.compute() for metric in self.aggregates]
         if not self.trainer.is_global_zero:
             return
         experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
         if experiment is not None and not hasattr(experiment, "add_figure"):
             experiment = None
+        if experiment is not None:
+            self._log_aggregates(experiment, aggregated)
         self.result_rows, self.output_paths = report(self.run_dir, experiment=experiment)
         if experiment is not None:
             print(f"  TensorBoard: tensorboard --logdir {self.run_dir.parent}")
 
+    def _log_aggregates(self, experiment, aggregated: list) -> None:
+        """`test/<row>/<attack>/<column>`: each metric's mean over every sample, aggregated over the devices."""
+        position = 0
+        for row, _, _ in self.rows:
+            for attack_label in self.attack_factories:
+                for label, metric in self.metrics.items():
+                    value = aggregated[position]
+                    position += 1
+                    outputs = value if isinstance(value, dict) else {next(iter(metric.outputs)): value}
+                    for column, (owner, output) in self.columns.items():
+                        if owner == label:
+                            experiment.add_scalar(f"test/{row}/{attack_label}/{column}", float(outputs[output]), 0)
 
-def _clock(reference: Tensor) -> float:
-    """Seconds on a monotonic clock, after the device's queued kernels have finished (CUDA runs asynchronously)."""
-    if reference.is_cuda:
-        torch.cuda.synchronize(reference.device)
-    return time.perf_counter()
+    def on_test_end(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
-def _sample_evaluations(source: Any, batch_size: int) -> list[float]:
-    """Per-sample gradient evaluations that an explainer or attack reports for its last call (NaN if it doesn't)."""
-    counts = getattr(source, "last_sample_gradient_evaluations", None)
-    if counts is None:
-        return [math.nan] * batch_size
-    return [float(value) for value in torch.as_tensor(counts).tolist()]
+class _Progress:
+    """The evaluation's progress bar: samples done (per finished batch, so the time left is measured on whole
+    batches), what is running now, and a clock that keeps ticking through a long attack step."""
+
+    def __init__(self, total: int, unit: str, enabled: bool) -> None:
+        self.unit = unit
+        self.bar = tqdm(
+            total=total, desc=unit, unit="sample", dynamic_ncols=True, file=sys.stderr, disable=not enabled,
+            smoothing=0, bar_format="{n}/{total} {desc} |{bar}| {elapsed} elapsed, {remaining} left",
+        )
+        self._stop = threading.Event()
+        self._ticker = None
+        self._live = enabled and sys.stderr.isatty()  # a log file gets the bar per batch, not every second
+        if self._live:
+            self._ticker = threading.Thread(target=self._tick, daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.bar.refresh()
+
+    def describe(self, what: str) -> None:
+        if not self.bar.disable:
+            self.bar.set_description_str(f"{self.unit} · {what}", refresh=self._live)
+
+    def advance(self, samples: int) -> None:
+        self.bar.update(samples)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        self.bar.close()
+
+
+def _existing_description(run_dir: Path) -> RunDescription | object | None:
+    """The folder's run description: None without one; an unreadable one still blocks a resume."""
+    if not (run_dir / "run.json").is_file():
+        return None
+    try:
+        return RunDescription.load(run_dir)
+    except RunDescriptionError:
+        return _UNREADABLE
+
+
+class _Unreadable:
+    fingerprint = None
+
+
+_UNREADABLE = _Unreadable()
 
 
 def _weights_file(source: ClassifierSource | str) -> str | None:
@@ -492,32 +483,40 @@ def _weights_file(source: ClassifierSource | str) -> str | None:
 
 def _file_sha256(path: str | Path | None) -> str | None:
     """SHA-256 of a file (the classifier's weights), read in 1 MiB blocks; None for what is not a file."""
-    if path is None:
-        return None
-    path = Path(str(path))
-    if not path.is_file():
+    import hashlib
+
+    if path is None or not Path(str(path)).is_file():
         return None
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(Path(str(path)), "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
-def _check_run_folder(run_dir: Path, run_info: dict[str, Any]) -> None:
-    """Refuse a run folder whose `run.json` describes another evaluation (its records cannot be resumed)."""
-    if not (run_dir / "run.json").is_file():
-        return
-    existing = load_run_info(run_dir)
-    if existing.get("fingerprint") == run_info["fingerprint"]:
-        return
-    changed = sorted(
-        key for key in set(existing) | set(run_info)
-        if key not in ("fingerprint", "versions", "bootstrap_samples", "grid_samples", "title")
-        and existing.get(key) != run_info.get(key)
-    )
-    raise ValueError(
-        f"{run_dir} holds an evaluation with other settings (differing: {', '.join(changed) or 'unknown'}), so its "
-        "records cannot be resumed. Evaluate into a new folder (evaluate.py makes a new version folder unless "
-        "--resume is given), or pass --overwrite true to discard the old records."
-    )
+def _frame(records):
+    import pandas as pd
+
+    return pd.DataFrame([record.row() for record in records])
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _factory_class(factory: Any) -> type:
+    """The class a factory builds (`functools.partial` from the config, or the class itself)."""
+    return getattr(factory, "func", factory)
+
+
+def _factory_settings(factory: Any) -> dict[str, Any]:
+    """The settings a factory passes: the config's `init_args` (a partial's keywords), none for a bare class."""
+    return dict(getattr(factory, "keywords", {}) or {})
+
+
+def _metric_settings(metric: SampleMetric) -> dict[str, Any]:
+    """A metric's constructor settings, read back from the attributes of the same names."""
+    import inspect
+
+    names = [name for name in inspect.signature(type(metric).__init__).parameters if name not in ("self", "kwargs")]
+    return {name: getattr(metric, name) for name in names if hasattr(metric, name) and name != "model"}

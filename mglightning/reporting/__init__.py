@@ -1,10 +1,11 @@
 """Reporting of an evaluation, split by what it does:
 
-- `records`: the per-sample records, streamed to Parquet during the run (`RecordWriter`, `read_records`);
 - `results`: typed results rows with bootstrap intervals, paired comparisons, the table and the results files;
 - `figures`: robustness against the budget (Figure 6), saliency grids (Figure 5), PNG output;
 - `tensorboard`: the same scalars, table and figures in TensorBoard, each tag once;
 - `report`: all of the above from a run folder (`python evaluate.py report <run_dir>`).
+
+The records themselves (`Record`, `read_records`) are the evaluation core's: `mglightning.evaluation`.
 """
 
 from mglightning.reporting.figures import (
@@ -15,8 +16,8 @@ from mglightning.reporting.figures import (
     saliency_image_grid,
     save_figure,
 )
-from mglightning.reporting.records import RECORD_COLUMNS, RecordWriter, read_records, recorded_indices
-from mglightning.reporting.report import load_run_info, report
+from mglightning.evaluation.records import read_records
+from mglightning.reporting.report import load_grid, report
 from mglightning.reporting.results import (
     Comparison,
     ResultRow,
@@ -26,14 +27,13 @@ from mglightning.reporting.results import (
     format_number,
     format_results_table,
     summarise_records,
+    worst_case,
     write_results,
 )
 from mglightning.reporting.tensorboard import log_to_tensorboard
 
 __all__ = [
-    "RECORD_COLUMNS",
     "Comparison",
-    "RecordWriter",
     "ResultRow",
     "bootstrap_interval",
     "fidelity_figure",
@@ -41,16 +41,16 @@ __all__ = [
     "format_comparisons",
     "format_number",
     "format_results_table",
-    "load_run_info",
+    "load_grid",
     "log_to_tensorboard",
     "normalised_magnitude",
     "read_records",
-    "recorded_indices",
     "report",
     "robustness_figure",
     "saliency_grid",
     "saliency_image_grid",
     "save_figure",
     "summarise_records",
+    "worst_case",
     "write_results",
 ]

@@ -27,12 +27,14 @@ from mglightning.reporting.results import ResultRow, format_number
 
 __all__ = ["fidelity_figure", "normalised_magnitude", "robustness_figure", "saliency_grid", "saliency_image_grid", "save_figure"]
 
-# Panels: (ResultRow metric, panel title, whether lower values are more robust).
-_ROBUSTNESS_PANELS: tuple[tuple[str, str, bool], ...] = (
-    ("distance", "Normalized distance", True),
-    ("topk", "Top-k intersection", False),
-    ("ssim", "SSIM", False),
+# Panels: (results value, panel title, whether lower values are better, the metric's (lower, upper) bounds).
+Panel = tuple[str, str, bool, tuple[float | None, float | None]]
+_ROBUSTNESS_PANELS: tuple[Panel, ...] = (
+    ("distance", "Normalized distance", True, (0.0, 2.0)),
+    ("topk", "Top-k intersection", False, (0.0, 1.0)),
+    ("ssim", "SSIM", False, (None, 1.0)),
 )
+_TITLES = {"distance": "Normalized distance", "topk": "Top-k intersection", "ssim": "SSIM"}
 
 # Okabe-Ito vermillion against a neutral grey: distinct for colour-blind readers and in grayscale print.
 _MOREAUGRAD_COLOUR = "#D55E00"
@@ -52,10 +54,14 @@ def _new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def robustness_figure(rows: Sequence[ResultRow], title: str | None = None) -> Figure:
+def robustness_figure(
+    rows: Sequence[ResultRow], title: str | None = None, panels: Sequence[Panel] | None = None
+) -> Figure:
     """The robustness metrics of every method with their 95% intervals, like Figure 6 of the MoreauGrad paper.
 
-    Three panels (normalized distance, top-k intersection, SSIM). With several attack budgets each panel has the
+    One panel per robustness metric (default: normalized distance, top-k intersection, SSIM; an evaluation
+    passes its own metrics as `(column, title, lower_is_better, (lower, upper) bounds)`; an axis never runs past
+    a metric's bound). With several attack budgets each panel has the
     budget on the x axis and one line per method with error bars (the paper's layout); with one budget, one
     horizontal bar per method with its interval and value. MoreauGrad-family methods are drawn in vermillion
     (solid lines, hatched bars), the baselines in other colours (dashed lines) or grey.
@@ -69,16 +75,25 @@ def robustness_figure(rows: Sequence[ResultRow], title: str | None = None) -> Fi
     """
     if not rows:
         raise ValueError("no results rows to draw.")
+    panels = [
+        (key, _TITLES.get(key, name), lower, bounds) for key, name, lower, bounds in (panels or _ROBUSTNESS_PANELS)
+    ]
+    if not panels:
+        raise ValueError("no robustness metric to draw.")
     budgets = sorted({row.epsilon for row in rows})
-    figure = _budget_lines(rows, budgets) if len(budgets) > 1 else _bars(rows)
+    figure = _budget_lines(rows, budgets, panels) if len(budgets) > 1 else _bars(rows, panels)
     if title:
         figure.suptitle(title)
     return figure
 
 
 def _interval(row: ResultRow, key: str) -> tuple[float, float]:
-    low, high = getattr(row, f"{key}_ci")
-    return low, high
+    return row.intervals.get(key, (math.nan, math.nan))
+
+
+def _value(row: ResultRow, key: str) -> float:
+    value = row.values.get(key)
+    return math.nan if value is None else value
 
 
 def fidelity_figure(rows: Sequence[ResultRow], title: str | None = None) -> Figure:
@@ -90,10 +105,10 @@ def fidelity_figure(rows: Sequence[ResultRow], title: str | None = None) -> Figu
         >>> save_figure(fidelity_figure(rows), "logs/eval/fidelity.png")  # doctest: +SKIP
     """
     first = min(row.epsilon for row in rows)
-    rows = [row for row in rows if row.epsilon == first and row.deletion_auc is not None]
+    rows = [row for row in rows if row.epsilon == first and row.values.get("deletion_auc") is not None]
     if not rows:
-        raise ValueError("no rows with deletion/insertion areas: evaluate with fidelity_steps > 0.")
-    panels = (("deletion_auc", "Deletion AUC", True), ("insertion_auc", "Insertion AUC", False))
+        raise ValueError("no rows with deletion/insertion areas: evaluate with the DeletionInsertionAUC metric.")
+    panels = (("deletion_auc", "Deletion AUC", True, (0.0, 1.0)), ("insertion_auc", "Insertion AUC", False, (0.0, 1.0)))
     figure = _bars(rows, panels, width=8.0, caption="more faithful")
     if title:
         figure.suptitle(title)
@@ -102,7 +117,7 @@ def fidelity_figure(rows: Sequence[ResultRow], title: str | None = None) -> Figu
 
 def _bars(
     rows: Sequence[ResultRow],
-    panels: Sequence[tuple[str, str, bool]] = _ROBUSTNESS_PANELS,
+    panels: Sequence[Panel] = _ROBUSTNESS_PANELS,
     width: float = 11.0,
     caption: str = "more robust",
 ) -> Figure:
@@ -110,9 +125,9 @@ def _bars(
     colours = [_MOREAUGRAD_COLOUR if flag else _BASELINE_COLOUR for flag in highlighted]
     positions = np.arange(len(rows))
     figure = _new_figure(width, 1.6 + 0.34 * len(rows))
-    axes = figure.subplots(1, len(panels), sharey=True)
-    for ax, (key, name, lower_is_better) in zip(axes, panels):
-        values = np.array([getattr(row, key) for row in rows], dtype=float)
+    axes = np.atleast_1d(figure.subplots(1, len(panels), sharey=True))
+    for ax, (key, name, lower_is_better, (lower, upper)) in zip(axes, panels):
+        values = np.array([_value(row, key) for row in rows], dtype=float)
         intervals = np.array([_interval(row, key) for row in rows], dtype=float)
         errors = np.abs(np.stack([values - intervals[:, 0], intervals[:, 1] - values]))
         bars = ax.barh(
@@ -125,12 +140,18 @@ def _bars(
         finite = intervals[np.isfinite(intervals)]
         largest = float(finite.max()) if finite.size else 1.0
         right = max(largest, 0.05 if lower_is_better else 1.0) * 1.25
-        ax.set_xlim(0.0, right)
+        if upper is not None:  # a bounded metric's axis ends at its bound; the labels may stand past it
+            right = min(right, upper)
+        ax.set_xlim(0.0 if lower is None else min(0.0, lower), right)
         # Each value is written just past the end of its error bar, so the two never overlap.
         for position, value, (_, high) in zip(positions, values, intervals):
             text = "n/a" if math.isnan(value) else format_number(value)
             anchor = np.nanmax([value, high, 0.0]) if not math.isnan(value) else 0.0
-            ax.text(anchor + 0.015 * right, position, text, va="center", fontsize=8)
+            if anchor + 0.12 * right <= right:
+                ax.text(anchor + 0.015 * right, position, text, va="center", fontsize=8)
+            else:  # no room before the axis' end (a bounded metric near its bound): inside the bar's start
+                ax.text(0.015 * right, position, text, va="center", ha="left", fontsize=8, color="white",
+                        fontweight="bold")
         ax.set_title(f"{name} {'↓' if lower_is_better else '↑'}", fontsize=11)
         ax.set_xlabel(f"{'lower' if lower_is_better else 'higher'} is {caption}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
@@ -151,20 +172,20 @@ def _bars(
     return figure
 
 
-def _budget_lines(rows: Sequence[ResultRow], budgets: list[float]) -> Figure:
+def _budget_lines(rows: Sequence[ResultRow], budgets: list[float], panels: Sequence[Panel]) -> Figure:
     labels = list(dict.fromkeys(row.label for row in rows))
     by_label = {label: sorted((row for row in rows if row.label == label), key=lambda r: r.epsilon) for label in labels}
     figure = _new_figure(13.0, 4.2)
-    axes = figure.subplots(1, len(_ROBUSTNESS_PANELS))
+    axes = np.atleast_1d(figure.subplots(1, len(panels)))
     # A small horizontal offset per method keeps the error bars of neighbouring lines apart.
     span = (max(budgets) - min(budgets)) or 1.0
     offsets = np.linspace(-0.012, 0.012, len(labels)) * span
-    for ax, (key, name, lower_is_better) in zip(axes, _ROBUSTNESS_PANELS):
+    for ax, (key, name, lower_is_better, _) in zip(axes, panels):
         for position, label in enumerate(labels):
             line = by_label[label]
             moreau = line[0].family == "moreaugrad"
             x = np.array([row.epsilon for row in line]) + offsets[position]
-            y = np.array([getattr(row, key) for row in line], dtype=float)
+            y = np.array([_value(row, key) for row in line], dtype=float)
             intervals = np.array([_interval(row, key) for row in line], dtype=float)
             errors = np.abs(np.stack([y - intervals[:, 0], intervals[:, 1] - y]))
             ax.errorbar(

@@ -8,14 +8,15 @@ table, and only then draws the figures (robustness vs budget, saliency grid) as 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mglightning.evaluation.description import RunDescription
+from mglightning.evaluation.measure import GridSample
+from mglightning.evaluation.records import read_records
 from mglightning.reporting.figures import fidelity_figure, robustness_figure, saliency_grid, save_figure
-from mglightning.reporting.records import read_records
 from mglightning.reporting.results import (
     ResultRow,
     compare_paired,
@@ -27,18 +28,7 @@ from mglightning.reporting.results import (
 )
 from mglightning.reporting.tensorboard import log_to_tensorboard
 
-__all__ = ["load_run_info", "report"]
-
-
-def load_run_info(run_dir: str | Path) -> dict[str, Any]:
-    """The run's description (`<run_dir>/run.json`), with a clear error when the folder is not a run."""
-    path = Path(run_dir) / "run.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{str(run_dir)!r} is not an evaluation run folder (no run.json); pass the folder that evaluate.py "
-            "printed (e.g. logs/eval_digits/version_0)."
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
+__all__ = ["load_grid", "report"]
 
 
 def report(
@@ -55,49 +45,52 @@ def report(
         >>> rows, paths = report("logs/eval_digits/version_0")     # doctest: +SKIP
     """
     run_dir = Path(run_dir)
-    run_info = load_run_info(run_dir)
-    records = read_records(run_dir)
+    description = RunDescription.load(run_dir)
+    records = read_records(run_dir, description.metric_columns)
     if records.empty:
         raise ValueError(f"{run_dir} holds no records yet: the run evaluated no sample.")
-    resamples = int(run_info.get("bootstrap_samples", 1000))
-    seed = int(run_info.get("seed", 0))
-    rows = summarise_records(records, run_info, resamples=resamples, seed=seed)
-    comparisons = compare_paired(records, rows, resamples=resamples, seed=seed)
+    resamples, seed = description.bootstrap_samples, description.seed
+    rows = summarise_records(records, description, resamples=resamples, seed=seed)
+    comparisons = compare_paired(records, rows, description, resamples=resamples, seed=seed)
     first = records.drop_duplicates("index")
-    run_info = {
-        **run_info,
-        "samples": int(first["index"].nunique()),
-        "accuracy": float((first["label"] == first["prediction"]).mean()),
-    }
+    samples = int(first["index"].nunique())
+    accuracy = float((first["label"] == first["prediction"]).mean())
+    run_info = {**description.to_dict(), "samples": samples, "accuracy": accuracy}
     paths = write_results(rows, run_dir, run_info, comparisons)
-    expected = run_info.get("planned_samples")
+    expected = description.planned_samples
     if verbose:
         print("\n" + format_results_table(rows))
         print(
-            f"\nEvaluated {run_info['samples']} samples"
-            + (f" of {expected}" if expected is not None and expected != run_info["samples"] else "")
-            + f" (clean accuracy {format_number(run_info['accuracy'])}); intervals are 95% bootstrap intervals "
-            "over samples."
+            f"\nEvaluated {samples} samples" + (f" of {expected}" if expected != samples else "")
+            + f" (clean accuracy {format_number(accuracy)}); intervals are 95% bootstrap intervals over samples."
+            + (f" Each sample counts at its worst case over the {len(description.attacks)} attacks."
+               if len(description.attacks) > 1 else "")
         )
         for row in rows:
-            if row.convex_share is not None and row.convex_share < 0.5:
+            convex = row.values.get("convex_share")
+            if convex is not None and convex < 0.5:
                 print(
-                    f"WARNING: for {row.method}, only {row.convex_share:.0%} of the samples have rho < 1/lambda (the "
+                    f"WARNING: for {row.method}, only {convex:.0%} of the samples have rho < 1/lambda (the "
                     "local weak-convexity estimate): the Moreau problem is likely non-convex there and Theorem 1's "
                     "robustness guarantee does not apply; try a smaller rho (a local estimate, not a certificate)."
                 )
-        if run_info.get("note"):
-            print("Note: " + run_info["note"])
+        if description.note:
+            print("Note: " + description.note)
         if comparisons:
             print("Paired comparisons with the simple gradient (same samples):\n" + format_comparisons(comparisons))
         print("  records: " + str(run_dir / "records"))
         for name, path in paths.items():
             print(f"  {name}: {path}")
 
-    figures = {"robustness": robustness_figure(rows, title=run_info.get("title"))}
-    if any(row.deletion_auc is not None for row in rows):
-        figures["fidelity"] = fidelity_figure(rows, title=run_info.get("title"))
-    grid = load_grid(run_dir)
+    panels = [
+        (column, metric.label if len(metric.columns) == 1 else column, direction is False, metric.bounds)
+        for metric in description.metrics if metric.needs_attack and metric.interval
+        for column, direction in metric.columns.items() if direction is not None
+    ]
+    figures = {"robustness": robustness_figure(rows, title=description.title or None, panels=panels)}
+    if any(row.values.get("deletion_auc") is not None for row in rows):
+        figures["fidelity"] = fidelity_figure(rows, title=description.title or None)
+    grid = load_grid(run_dir, description)
     if grid is not None:
         figures["saliency_grid"] = saliency_grid(**grid)
     if experiment is not None:
@@ -109,19 +102,30 @@ def report(
     return rows, paths
 
 
-def load_grid(run_dir: Path) -> dict[str, Any] | None:
-    """The saliency-grid samples that every rank saved (`<run_dir>/grid/*.pt`), as `saliency_grid` arguments."""
-    files = sorted((Path(run_dir) / "grid").glob("*.pt"))
+def load_grid(run_dir: Path, description: RunDescription) -> dict[str, Any] | None:
+    """The saliency-grid samples that every rank saved (`<run_dir>/grid/*.pt`), as `saliency_grid` arguments.
+
+    A sample saved twice (a batch evaluated again after a crash between its grid and its records) counts once,
+    from the newest file.
+    """
+    files = sorted((Path(run_dir) / "grid").glob("*.pt"), key=lambda path: path.stat().st_mtime)
     if not files:
         return None
-    parts = [torch.load(path, map_location="cpu", weights_only=True) for path in files]
-    index = torch.cat([part["index"] for part in parts])
-    order = index.argsort()
-    methods = list(parts[0]["clean"])
+    parts = [GridSample.from_dict(torch.load(path, map_location="cpu", weights_only=True)) for path in files]
+    newest: dict[int, tuple[int, int]] = {}
+    for number, part in enumerate(parts):
+        for position, index in enumerate(part.index.tolist()):
+            newest[index] = (number, position)
+    order = sorted(newest)
+    methods = [row.method for row in description.rows]
 
     def stack(key: str, method: str | None = None) -> torch.Tensor:
-        values = [part[key] if method is None else part[key][method] for part in parts]
-        return torch.cat(values)[order]
+        values = []
+        for index in order:
+            number, position = newest[index]
+            value = getattr(parts[number], key)
+            values.append((value if method is None else value[method])[position])
+        return torch.stack(values)
 
     return {
         "inputs": stack("image"),
@@ -130,8 +134,8 @@ def load_grid(run_dir: Path) -> dict[str, Any] | None:
         "attacked_maps": {m: stack("attacked", m) for m in methods},
         "labels": stack("label"),
         "predictions": stack("prediction"),
-        "sample_ids": index[order],
-        "num_samples": len(index),
-        "method_names": parts[0]["display_names"],
-        "highlight": [m for m, family in parts[0]["families"].items() if family == "moreaugrad"],
+        "sample_ids": torch.tensor(order),
+        "num_samples": len(order),
+        "method_names": {row.method: row.display_name for row in description.rows},
+        "highlight": [row.method for row in description.rows if row.family == "moreaugrad"],
     }

@@ -37,17 +37,29 @@ __all__ = [
     "write_results",
 ]
 
-# Metrics with a bootstrap interval: (record column, lower is more robust).
-INTERVAL_METRICS: tuple[tuple[str, bool], ...] = (("distance", True), ("topk", False), ("ssim", False))
+# Table titles of the built-in columns; any other column is titled by its name, with its direction's arrow.
+_TITLES = {
+    "distance": "distance", "topk": "top-k", "ssim": "SSIM", "gini": "Gini", "zero_fraction": "zero share",
+    "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
+}
 
 
 @dataclass
 class ResultRow:
     """One results row: a method under one attack budget, averaged over the evaluated samples.
 
-    `*_ci` are 95% bootstrap intervals of the mean over samples (`bootstrap_interval`). Costs are per image:
-    `evals_*` count model input rows through a forward+backward (a Hessian-vector product counts 2).
-    `deletion_auc`, `insertion_auc` and `convex_share` are `None` when the run did not compute them.
+    With several attacks each sample enters at its worst case over them (per metric: the highest value where
+    lower is better, the lowest where higher is better), costs add up over the attacks and a sample counts as
+    moved when any attack moved it; `per_attack` keeps every attack's own means and `worst_attack` says, per
+    attack, for how many samples it gave the worst value of the first robustness metric.
+
+    Attributes:
+        values: the mean of every metric column (`distance`, `topk`, ... as the run's metrics name them) and of
+            every averaged record field (`attack_success`, `seconds_per_image`, `evals_clean`, ...; None when the
+            run did not compute it, e.g. `convex_share`).
+        intervals: the 95% bootstrap interval of the mean of every metric column (`bootstrap_interval`).
+        directions: `{metric column: higher_is_better}` (None: no direction).
+        shown_intervals: the metric columns whose interval the table shows.
     """
 
     method: str
@@ -56,27 +68,24 @@ class ResultRow:
     display_name: str
     family: str
     epsilon: float
+    attack: str
     surrogate: str
     samples: int
-    distance: float
-    distance_ci: tuple[float, float]
-    topk: float
-    topk_ci: tuple[float, float]
-    ssim: float
-    ssim_ci: tuple[float, float]
-    gini: float
-    zero_fraction: float
-    attack_success: float
-    seconds_per_image: float
-    attack_seconds_per_image: float
-    evals_clean: float
-    evals_attack: float
-    evals_attacked: float
-    deletion_auc: float | None = None
-    deletion_auc_ci: tuple[float, float] | None = None
-    insertion_auc: float | None = None
-    insertion_auc_ci: tuple[float, float] | None = None
-    convex_share: float | None = None
+    values: dict[str, float | None]
+    intervals: dict[str, tuple[float, float]]
+    directions: dict[str, bool | None] = field(default_factory=dict)
+    shown_intervals: tuple[str, ...] = ()
+    per_attack: dict[str, dict[str, float]] = field(default_factory=dict)
+    worst_attack: dict[str, int] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # Metric values and summaries read as attributes (`row.topk`, `row.topk_ci`, `row.attack_success`).
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        if name.endswith("_ci") and name[:-3] in self.__dict__.get("intervals", {}):
+            return self.__dict__["intervals"][name[:-3]]
+        raise AttributeError(f"{type(self).__name__} has no {name!r}; its values are {sorted(values)}.")
 
     def to_dict(self) -> dict[str, Any]:
         return _json_ready(asdict(self))
@@ -135,99 +144,129 @@ def bootstrap_interval(
     return (round(float(low), 12), round(float(high), 12))
 
 
-def summarise_records(
-    records: Any, run_info: Mapping[str, Any], resamples: int = 1000, seed: int = 0
-) -> list[ResultRow]:
+def worst_case(records: Any, description: Any) -> Any:
+    """Each sample's worst case over the run's attacks: one record per (method, sample).
+
+    Metric columns that depend on the attack take the worst value (highest where lower is better, lowest where
+    higher is better, the mean where there is no direction); the others and the record fields combine as the
+    record type declares (`first`, `any` for flags, `sum` for costs). The column `worst_attack` names the attack
+    that gave the worst value of the first robustness metric. With one attack, the records themselves.
+    """
+    from mglightning.evaluation.records import record_fields
+
+    attacks = [attack.label for attack in description.attacks]
+    frame = records[records["attack"].isin(attacks)]
+    robust = [column for metric in description.metrics if metric.needs_attack
+              for column, direction in metric.columns.items() if direction is not None]
+    if len(attacks) == 1:
+        frame = frame.copy()
+        frame["worst_attack"] = attacks[0]
+        return frame
+    combine: dict[str, Any] = {}
+    for item in record_fields():
+        if item.name in ("method", "index"):
+            continue
+        combine[item.name] = {"first": "first", "any": "max", "sum": "sum"}[item.metadata["across_attacks"]]
+    for metric in description.metrics:
+        for column, direction in metric.columns.items():
+            if not metric.needs_attack:
+                combine[column] = "first"
+            else:
+                combine[column] = "mean" if direction is None else ("min" if direction else "max")
+    grouped = frame.groupby(["method", "index"], sort=True)
+    combined = grouped.agg(combine).reset_index()
+    combined["attack"] = "worst of " + ", ".join(attacks)
+    if robust:
+        key = robust[0]
+        higher = next(direction for metric in description.metrics for column, direction in metric.columns.items()
+                      if column == key)
+        chosen = frame.loc[grouped[key].idxmin() if higher else grouped[key].idxmax()]
+        combined["worst_attack"] = chosen["attack"].to_numpy()
+    else:
+        combined["worst_attack"] = attacks[0]
+    return combined
+
+
+def summarise_records(records: Any, description: Any, resamples: int = 1000, seed: int = 0) -> list[ResultRow]:
     """The results rows of a run from its per-sample records, in the run's row order.
 
     Args:
         records: a `pandas.DataFrame` of records (`read_records`).
-        run_info: the run's description (`run.json`): its `rows` list gives each row's method, label, registry
-            name, display name, family, budget and surrogate.
+        description: the run's `RunDescription` (`run.json`): its rows, attacks and metrics.
         resamples: bootstrap resamples for the intervals.
         seed: bootstrap seed.
     """
+    from mglightning.evaluation.records import summary_fields
+
+    combined = worst_case(records, description)
+    attacks = [attack.label for attack in description.attacks]
+    directions = {column: direction for metric in description.metrics for column, direction in metric.columns.items()}
+    shown = tuple(column for metric in description.metrics if metric.interval for column in metric.columns)
+    attack_columns = [column for metric in description.metrics if metric.needs_attack for column in metric.columns]
     rows: list[ResultRow] = []
-    for spec in run_info["rows"]:
-        part = records[records["method"] == spec["method"]].sort_values("index")
-        count = len(part)
-
-        def mean(column: str) -> float:
-            if column not in part or count == 0:
-                return math.nan
-            return float(part[column].astype("float64").mean())
-
-        def optional(column: str) -> float | None:
-            if column not in part or part[column].isna().all():
-                return None
-            return float(part[column].astype("float64").mean())
-
-        def optional_interval(column: str) -> tuple[float, float] | None:
-            if optional(column) is None:
-                return None
-            return bootstrap_interval(part[column].to_numpy(dtype="float64"), resamples, seed=seed)
-
-        intervals = {
-            metric: bootstrap_interval(part[metric].to_numpy(), resamples, seed=seed) for metric, _ in INTERVAL_METRICS
-        }
+    for spec in description.rows:
+        part = combined[combined["method"] == spec.method].sort_values("index")
+        values: dict[str, float | None] = {}
+        intervals: dict[str, tuple[float, float]] = {}
+        for column in directions:
+            data = part[column].to_numpy(dtype="float64") if len(part) else np.array([])
+            values[column] = float(np.nanmean(data)) if data.size and not np.isnan(data).all() else math.nan
+            intervals[column] = bootstrap_interval(data[~np.isnan(data)], resamples, seed=seed)
+        for summary, item in summary_fields().items():
+            column = part[item.name].astype("float64") if len(part) else None
+            values[summary] = None if column is None or column.isna().all() else float(column.mean())
+        per_attack = {}
+        if len(attacks) > 1:
+            for attack in attacks:
+                own = records[(records["method"] == spec.method) & (records["attack"] == attack)]
+                per_attack[attack] = {column: float(own[column].astype("float64").mean()) for column in attack_columns}
+        worst = part["worst_attack"].value_counts() if len(attacks) > 1 else {}
+        surrogates = [spec.surrogates.get(attack, "none") for attack in attacks]
         rows.append(
             ResultRow(
-                method=spec["method"],
-                label=spec["label"],
-                explainer=spec["explainer"],
-                display_name=spec["display_name"],
-                family=spec["family"],
-                epsilon=float(spec["epsilon"]),
-                surrogate=spec["surrogate"],
-                samples=count,
-                distance=mean("distance"),
-                distance_ci=intervals["distance"],
-                topk=mean("topk"),
-                topk_ci=intervals["topk"],
-                ssim=mean("ssim"),
-                ssim_ci=intervals["ssim"],
-                gini=mean("gini"),
-                zero_fraction=mean("zero_fraction"),
-                attack_success=mean("moved"),
-                seconds_per_image=mean("seconds_clean"),
-                attack_seconds_per_image=mean("seconds_attack"),
-                evals_clean=mean("evals_clean"),
-                evals_attack=mean("evals_attack"),
-                evals_attacked=mean("evals_attacked"),
-                deletion_auc=optional("deletion_auc"),
-                deletion_auc_ci=optional_interval("deletion_auc"),
-                insertion_auc=optional("insertion_auc"),
-                insertion_auc_ci=optional_interval("insertion_auc"),
-                convex_share=optional("convex"),
+                method=spec.method, label=spec.label, explainer=spec.explainer, display_name=spec.display_name,
+                family=spec.family, epsilon=float(spec.epsilon),
+                attack=attacks[0] if len(attacks) == 1 else "worst of " + ", ".join(attacks),
+                surrogate=surrogates[0] if len(attacks) == 1 else ", ".join(
+                    f"{attack}: {surrogate}" for attack, surrogate in zip(attacks, surrogates)),
+                samples=len(part), values=values, intervals=intervals, directions=directions,
+                shown_intervals=shown, per_attack=per_attack,
+                worst_attack={attack: int(worst.get(attack, 0)) for attack in attacks} if len(attacks) > 1 else {},
             )
         )
     return rows
 
 
 def compare_paired(
-    records: Any, rows: Sequence[ResultRow], resamples: int = 1000, seed: int = 0
+    records: Any, rows: Sequence[ResultRow], description: Any, resamples: int = 1000, seed: int = 0
 ) -> list[Comparison]:
     """Each MoreauGrad-family row against the simple gradient under the same budget, sample by sample.
 
-    For each metric the per-sample differences `metric(method) - metric(simple gradient)` on the samples both
-    rows hold are averaged, with a bootstrap interval. The verdict is "more robust" (or "less robust") when the
-    whole interval lies on the robust (non-robust) side of zero, else "no clear difference".
+    For each robustness metric with an interval, the per-sample differences `metric(method) - metric(simple
+    gradient)` of the worst cases over the attacks, on the samples both rows hold, are averaged, with a bootstrap
+    interval. The verdict is "more robust" (or "less robust") when the whole interval lies on the robust
+    (non-robust) side of zero, else "no clear difference".
     """
+    combined = worst_case(records, description)
     baselines = {row.epsilon: row for row in rows if row.explainer == "simple_gradient"}
+    metrics = [
+        (column, direction) for metric in description.metrics if metric.needs_attack and metric.interval
+        for column, direction in metric.columns.items() if direction is not None
+    ]
     comparisons = []
     for row in rows:
         baseline = baselines.get(row.epsilon)
         if row.family != "moreaugrad" or baseline is None:
             continue
-        ours = records[records["method"] == row.method].set_index("index")
-        theirs = records[records["method"] == baseline.method].set_index("index")
+        ours = combined[combined["method"] == row.method].set_index("index")
+        theirs = combined[combined["method"] == baseline.method].set_index("index")
         shared = ours.index.intersection(theirs.index).sort_values()
-        for metric, lower_is_better in INTERVAL_METRICS:
+        for metric, higher_is_better in metrics:
             differences = (ours.loc[shared, metric] - theirs.loc[shared, metric]).to_numpy(dtype=np.float64)
             low, high = bootstrap_interval(differences, resamples, seed=seed)
             # Differences within float round-off of zero count as zero.
             low, high = (0.0 if abs(low) < 1e-9 else low), (0.0 if abs(high) < 1e-9 else high)
-            if lower_is_better:  # the robust side of zero is the negative one
+            if not higher_is_better:  # the robust side of zero is the negative one
                 verdict = "more robust" if high < 0 else "less robust" if low > 0 else "no clear difference"
             else:
                 verdict = "more robust" if low > 0 else "less robust" if high < 0 else "no clear difference"
@@ -284,58 +323,73 @@ def _with_interval(value: float, interval: tuple[float, float]) -> str:
     return f"{format_number(value)} [{format_number(low)}, {format_number(high)}]"
 
 
-def format_results_table(rows: Sequence[ResultRow]) -> str:
-    """Markdown table, one line per row: robustness with 95% intervals, sparsity, attack success and cost.
+def _title(column: str, direction: bool | None) -> str:
+    arrow = "" if direction is None else (" ↑" if direction else " ↓")
+    return _TITLES.get(column, column) + arrow
 
-    Columns: method, normalized distance, top-k intersection, SSIM (each `mean [low, high]`), Gini index, share
-    of zero entries, attack success (share of samples the attack moved), seconds per image of the clean map,
-    gradient evaluations per image (clean map / attack / attacked map), the attack's surrogate, and the
-    deletion/insertion AUC and convex-regime share when the run computed them.
+
+def format_results_table(rows: Sequence[ResultRow]) -> str:
+    """Markdown table, one line per row: every metric (`mean [low, high]` where its interval is shown),
+    attack success (share of samples an attack moved), seconds per image of the clean map, gradient evaluations
+    per image (clean map / attack / attacked map), the convex-regime share when computed, the worst attack with
+    its count when several attacks ran, and the attack's surrogate.
     """
-    extras = [
-        (key, title)
-        for key, title in (("deletion_auc", "deletion AUC ↓"), ("insertion_auc", "insertion AUC ↑"), ("convex_share", "convex share"))
-        if any(getattr(row, key) is not None for row in rows)
-    ]
-    header = [
-        "method", "distance ↓ [95% CI]", "top-k ↑ [95% CI]", "SSIM ↑ [95% CI]", "Gini", "zero share",
-        "attack success", "s / image", "grad evals / image (clean / attack / attacked)",
-    ] + [title for _, title in extras] + ["surrogate"]
+    if not rows:
+        return ""
+    first = rows[0]
+    columns = list(first.directions)
+    convex = any(row.values.get("convex_share") is not None for row in rows)
+    several = any(row.worst_attack for row in rows)
+    header = (
+        ["method"]
+        + [_title(column, first.directions[column]) + (" [95% CI]" if column in first.shown_intervals else "")
+           for column in columns]
+        + ["attack success", "s / image", "grad evals / image (clean / attack / attacked)"]
+        + (["convex share"] if convex else []) + (["worst attack (samples)"] if several else []) + ["surrogate"]
+    )
     lines = ["| " + " | ".join(header) + " |", "| :--- |" + " ---: |" * (len(header) - 2) + " :--- |"]
     for row in rows:
-        cells = [
-            row.method,
-            _with_interval(row.distance, row.distance_ci),
-            _with_interval(row.topk, row.topk_ci),
-            _with_interval(row.ssim, row.ssim_ci),
-            format_number(row.gini),
-            format_number(row.zero_fraction),
-            format_number(row.attack_success),
-            format_number(row.seconds_per_image),
-            " / ".join(format_number(value) for value in (row.evals_clean, row.evals_attack, row.evals_attacked)),
-            *[format_number(getattr(row, key)) for key, _ in extras],
-            row.surrogate,
+        cells = [row.method]
+        for column in columns:
+            value = row.values.get(column)
+            cells.append(_with_interval(value, row.intervals[column]) if column in row.shown_intervals
+                         else format_number(value))
+        cells += [
+            format_number(row.values.get("attack_success")),
+            format_number(row.values.get("seconds_per_image")),
+            " / ".join(format_number(row.values.get(key)) for key in ("evals_clean", "evals_attack", "evals_attacked")),
         ]
+        if convex:
+            cells.append(format_number(row.values.get("convex_share")))
+        if several:
+            cells.append(", ".join(f"{attack} {count}" for attack, count in row.worst_attack.items()))
+        cells.append(row.surrogate)
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
 
 
 def run_header_markdown(run_info: Mapping[str, Any]) -> str:
-    """A readable description of the run for `results.md`: classifier, data, samples, budgets, attack, methods."""
-    attack = run_info.get("attack", {})
+    """A readable description of the run for `results.md`: classifier, data, samples, budgets, attacks, metrics
+    and methods (`run_info`: the run description's `to_dict()`, with `samples` and `accuracy`)."""
     lines = [
         f"- **Classifier**: `{run_info.get('classifier', '?')}`",
         f"- **Dataset**: {run_info.get('dataset', '?')} (test split), {run_info.get('samples', '?')} samples, "
         f"clean accuracy {format_number(run_info.get('accuracy'))}",
         f"- **Explained class**: the model's {run_info.get('target', 'prediction')}; seed {run_info.get('seed', 0)}",
-        f"- **Attack**: {attack.get('kind', '?')}, L2 budgets ε = "
-        + ", ".join(format_number(eps) for eps in run_info.get("epsilons", []))
-        + " (pixel units)"
-        + (f", {attack['steps']} steps of size {attack['step_size']}" if attack.get("kind") == "topk" else "")
-        + (f", top-k fraction {attack['topk_fraction']}" if "topk_fraction" in attack else ""),
-        f"- **Intervals**: 95% percentile bootstrap over samples ({run_info.get('bootstrap_samples', 1000)} resamples)",
-        "- **Methods**:",
+        "- **L2 budgets** ε = " + ", ".join(format_number(eps) for eps in run_info.get("epsilons", []))
+        + " (pixel units)",
+        "- **Attacks**" + (" (each sample counts at its worst case over them)" if len(run_info.get("attacks", [])) > 1
+                           else "") + ":",
     ]
+    for attack in run_info.get("attacks", []):
+        settings = ", ".join(f"{key}={value}" for key, value in attack.get("settings", {}).items())
+        lines.append(f"  - `{attack['label']}`: {attack['class_path']} ({settings or 'defaults'})")
+    lines.append("- **Metrics**: " + ", ".join(
+        f"`{metric['label']}` ({metric['class_path'].rsplit('.', 1)[-1]})" for metric in run_info.get("metrics", [])))
+    lines.append(
+        f"- **Intervals**: 95% percentile bootstrap over samples ({run_info.get('bootstrap_samples', 1000)} resamples)"
+    )
+    lines.append("- **Methods**:")
     for explainer in run_info.get("explainers", []):
         settings = ", ".join(f"{key}={value}" for key, value in explainer.get("settings", {}).items())
         lines.append(f"  - `{explainer['label']}`: {explainer['display_name']} ({settings})")
@@ -368,11 +422,12 @@ def write_results(
     atomic_write_text(paths["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
 
     buffer = io.StringIO()
-    columns = [item.name for item in fields(ResultRow)]
+    flat = [_flat_row(row) for row in rows]
+    columns = list(dict.fromkeys(key for row in flat for key in row))
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
-    for row in rows:
-        writer.writerow({key: _csv_cell(value) for key, value in asdict(row).items()})
+    for row in flat:
+        writer.writerow({key: _csv_cell(value) for key, value in row.items()})
     atomic_write_text(paths["csv"], buffer.getvalue())
 
     sections = ["# Interpretation robustness", run_header_markdown(run_info), format_results_table(rows)]
@@ -396,6 +451,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def _flat_row(row: ResultRow) -> dict[str, Any]:
+    """One CSV line: the row's names, then each value, with `<column>_ci` for the metric columns."""
+    flat = {key: getattr(row, key) for key in ("method", "label", "explainer", "display_name", "family", "epsilon",
+                                               "attack", "surrogate", "samples")}
+    for key, value in row.values.items():
+        flat[key] = value
+        if key in row.intervals:
+            flat[f"{key}_ci"] = row.intervals[key]
+    for attack, count in row.worst_attack.items():
+        flat[f"worst_{attack}"] = count
+    return flat
 
 
 def _csv_cell(value: Any) -> Any:

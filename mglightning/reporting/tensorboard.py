@@ -10,13 +10,7 @@ from matplotlib.figure import Figure
 
 from mglightning.reporting.results import ResultRow, format_results_table, run_header_markdown
 
-__all__ = ["SCALAR_KEYS", "log_to_tensorboard"]
-
-# The numbers of a row that become scalars `<prefix>/<method>/<key>`.
-SCALAR_KEYS = (
-    "distance", "topk", "ssim", "gini", "zero_fraction", "attack_success", "seconds_per_image",
-    "evals_clean", "evals_attack", "evals_attacked", "deletion_auc", "insertion_auc", "convex_share",
-)
+__all__ = ["log_to_tensorboard"]
 
 
 def log_to_tensorboard(
@@ -30,8 +24,9 @@ def log_to_tensorboard(
 ) -> None:
     """Log an evaluation to TensorBoard, every tag once.
 
-    Tags: `<prefix>/<method>/<key>` for the numbers of each row (`SCALAR_KEYS`, the lower and upper ends of
-    the intervals as `<key>_ci_low`/`<key>_ci_high`), `<prefix>/results` (the markdown table, in the Text
+    Tags: `<prefix>/<method>/<key>` for every value of each row (`ResultRow.values`: its metric columns, at each
+    sample's worst case over the attacks, and the record fields it averages; the lower and upper ends of the
+    shown intervals as `<key>_ci_low`/`<key>_ci_high`), `<prefix>/results` (the markdown table, in the Text
     tab), `<prefix>/run_info`, and `<prefix>/<name>` for each figure and image.
 
     Args:
@@ -48,12 +43,11 @@ def log_to_tensorboard(
             shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
             raise ValueError(f"images[{name!r}] must be a (3, H, W) or (1, H, W) tensor in [0, 1], got {shape}.")
     for row in rows:
-        for key in SCALAR_KEYS:
-            value = getattr(row, key)
+        for key, value in row.values.items():
             if value is not None:
                 experiment.add_scalar(f"{prefix}/{row.method}/{key}", float(value), step)
-        for key in ("distance", "topk", "ssim"):
-            low, high = getattr(row, f"{key}_ci")
+        for key in row.shown_intervals:
+            low, high = row.intervals[key]
             experiment.add_scalar(f"{prefix}/{row.method}/{key}_ci_low", float(low), step)
             experiment.add_scalar(f"{prefix}/{row.method}/{key}_ci_high", float(high), step)
     experiment.add_text(f"{prefix}/results", format_results_table(rows), step)

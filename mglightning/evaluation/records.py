@@ -1,0 +1,228 @@
+"""The per-sample record of an evaluation, defined once, and its Parquet files.
+
+One `Record` per (sample, method, budget, attack). Its fields, with their Arrow types and how the results
+summarise them (the `column` metadata), are the only definition of a record: the Parquet schema
+(`record_schema`), the results rows' cost and success columns and the TensorBoard keys are derived from them.
+The metric values (`Record.values`) are one more float column each, named by the run's metrics
+(`metric_columns`).
+
+Each rank writes one small Parquet file per evaluated batch into `<run_dir>/records/`, first under a temporary
+name and then renamed, so a killed run loses at most the batch in flight and never leaves a half-written file.
+`read_records(run_dir)` reads them as one `pandas.DataFrame`; a resumed run skips the dataset indices found there.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "OutOfSpaceError",
+    "Record",
+    "RecordWriter",
+    "read_records",
+    "record_fields",
+    "record_schema",
+    "recorded_indices",
+]
+
+
+def _column(arrow_type: pa.DataType, summary: str | None = None, across_attacks: str = "first", title: str = "",
+            lower_is_better: bool | None = None) -> dict[str, Any]:
+    """A record field's metadata.
+
+    Args:
+        arrow_type: its Parquet type.
+        summary: the results-row value it becomes (its mean over samples), or None (a key or bookkeeping).
+        across_attacks: how a sample's records of several attacks combine into its worst case: `first` (the
+            same for every attack), `any` (a flag), `sum` (a cost).
+        title: the results table's column title (none: not a table column).
+        lower_is_better: for the table's arrows.
+    """
+    return {"arrow": arrow_type, "summary": summary, "across_attacks": across_attacks, "title": title,
+            "lower_is_better": lower_is_better}
+
+
+@dataclass
+class Record:
+    """One sample's result for one method (explainer and budget) under one attack.
+
+    `values` holds the metric values by record column (`metric_columns`); `weak_convexity`, `convex` and `bound`
+    are the local-convexity diagnostic of MoreauGrad-family methods (None when not computed).
+    """
+
+    index: int = field(metadata=_column(pa.int64()))  # dataset index
+    label: int = field(metadata=_column(pa.int64()))
+    prediction: int = field(metadata=_column(pa.int64()))
+    target: int = field(metadata=_column(pa.int64()))  # the class explained
+    method: str = field(metadata=_column(pa.string()))  # the results row: explainer label, with the budget
+    explainer: str = field(metadata=_column(pa.string()))  # registry name
+    epsilon: float = field(metadata=_column(pa.float64()))
+    attack: str = field(metadata=_column(pa.string()))  # the attack's label in the run
+    moved: bool = field(metadata=_column(pa.bool_(), "attack_success", "any", "attack success"))
+    seconds_clean: float = field(metadata=_column(pa.float64(), "seconds_per_image", "first", "s / image"))
+    seconds_attack: float = field(metadata=_column(pa.float64(), "attack_seconds_per_image", "sum"))
+    seconds_attacked: float = field(metadata=_column(pa.float64(), "attacked_seconds_per_image", "sum"))
+    evals_clean: float = field(metadata=_column(pa.float64(), "evals_clean", "first"))
+    evals_attack: float = field(metadata=_column(pa.float64(), "evals_attack", "sum"))
+    evals_attacked: float = field(metadata=_column(pa.float64(), "evals_attacked", "sum"))
+    weak_convexity: float | None = field(default=None, metadata=_column(pa.float64()))
+    convex: float | None = field(default=None, metadata=_column(pa.float64(), "convex_share", "first", "convex share"))
+    bound: float | None = field(default=None, metadata=_column(pa.float64()))
+    rank: int = field(default=0, metadata=_column(pa.int64()))
+    values: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The record as one Parquet row: its fields and one entry per metric column."""
+        row = {item.name: getattr(self, item.name) for item in record_fields()}
+        overlap = set(row) & set(self.values)
+        if overlap:
+            raise ValueError(f"metric columns {sorted(overlap)} clash with the record's own columns.")
+        return {**row, **self.values}
+
+
+def record_fields() -> tuple[Any, ...]:
+    """The record's own columns (its dataclass fields but `values`), in order, with their metadata."""
+    return tuple(item for item in fields(Record) if item.name != "values")
+
+
+def record_schema(metric_columns: Sequence[str]) -> pa.Schema:
+    """The Parquet schema of a run's records: the record's own columns, then one float64 per metric column."""
+    return pa.schema(
+        [(item.name, item.metadata["arrow"]) for item in record_fields()]
+        + [(name, pa.float64()) for name in metric_columns]
+    )
+
+
+class OutOfSpaceError(OSError):
+    """The disk holding the run folder is full: what was being written is named, nothing half-written is left."""
+
+
+def raise_if_out_of_space(error: BaseException, path: Path) -> None:
+    """Re-raise `error` as an `OutOfSpaceError` that names the folder, when it is a full disk."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or "No space left on device" in str(error):
+        raise OutOfSpaceError(
+            errno.ENOSPC,
+            f"No space left on the device of {path.parent} while writing {path.name} (check with `df -h "
+            f"{path.parent}`). Nothing half-written was left and the finished batches are kept: free some space "
+            "and run the same command with --resume <run folder> to continue.",
+        ) from error
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename; a failure (a
+    full disk, a killed process) leaves the previous file or none, and never the temporary one."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise_if_out_of_space(error, path)
+        raise
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+class RecordWriter:
+    """Appends record batches of one rank to `<run_dir>/records/`, one atomically written Parquet file each.
+
+    Args:
+        run_dir: the run's folder.
+        rank: this process's rank (part of every file name, so ranks never write the same file).
+        metric_columns: the run's metric columns (`metric_columns` of its metrics).
+
+    Example:
+        >>> writer = RecordWriter(run_dir, rank=0, metric_columns=["distance", "topk"])   # doctest: +SKIP
+        >>> writer.write([Record(index=3, ..., values={"distance": 0.2, "topk": 0.8})])    # doctest: +SKIP
+    """
+
+    def __init__(self, run_dir: str | Path, rank: int, metric_columns: Sequence[str]) -> None:
+        self.folder = Path(run_dir) / "records"
+        self.rank = rank
+        self.metric_columns = list(metric_columns)
+        self.schema = record_schema(self.metric_columns)
+
+    def write(self, records: Sequence[Record]) -> Path | None:
+        """Write the records of one batch; a metric column a record lacks is stored as null."""
+        if not records:
+            return None
+        rows = [record.row() for record in records]
+        unknown = set().union(*(row.keys() for row in rows)) - set(self.schema.names)
+        if unknown:
+            raise ValueError(f"unknown record columns {sorted(unknown)}; this run's columns are {self.schema.names}.")
+        table = pa.table({name: [row.get(name) for row in rows] for name in self.schema.names}, schema=self.schema)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # Nanoseconds and the pid keep names unique across batches, resumed runs and ranks.
+        name = f"rank{self.rank:03d}-{time.time_ns()}-{os.getpid()}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        atomic_write_bytes(self.folder / name, sink.getvalue().to_pybytes())
+        return self.folder / name
+
+
+def read_records(run_dir: str | Path, metric_columns: Sequence[str] | None = None):
+    """All records of a run as a `pandas.DataFrame` sorted by method, attack and dataset index.
+
+    Args:
+        run_dir: the run's folder.
+        metric_columns: the run's metric columns (default: those of its `run.json`).
+    """
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    if metric_columns is None:
+        from mglightning.evaluation.description import RunDescription
+
+        metric_columns = RunDescription.load(run_dir).metric_columns
+    schema = record_schema(metric_columns)
+    files = sorted((run_dir / "records").glob("*.parquet"))
+    if not files:
+        return schema.empty_table().to_pandas()
+    frame = pd.concat([pq.read_table(path, schema=schema).to_pandas() for path in files], ignore_index=True)
+    duplicated = frame.duplicated(["method", "attack", "index"])
+    if duplicated.any():
+        raise ValueError(
+            f"{run_dir / 'records'} holds {int(duplicated.sum())} duplicate (method, attack, sample) records: two "
+            "runs wrote into the same folder. Evaluate into a fresh folder (or --overwrite)."
+        )
+    return frame.sort_values(["method", "attack", "index"], kind="stable").reset_index(drop=True)
+
+
+def recorded_indices(run_dir: str | Path, methods: Sequence[str], attacks: Sequence[str],
+                     metric_columns: Sequence[str]) -> set[int]:
+    """Dataset indices whose records are complete (every method under every attack) in the run folder."""
+    frame = read_records(run_dir, metric_columns)
+    if frame.empty:
+        return set()
+    frame = frame[frame["method"].isin(list(methods)) & frame["attack"].isin(list(attacks))]
+    counts = frame.groupby("index").size()
+    expected = len(methods) * len(attacks)
+    return {int(index) for index, count in counts.items() if count == expected}
+
+
+def summary_fields() -> dict[str, Any]:
+    """`{results value: record field}` of the record fields the results rows average."""
+    return {item.metadata["summary"]: item for item in record_fields() if item.metadata["summary"]}
+
+
+def records_of(rows: Sequence[Mapping[str, Any]]) -> list[Record]:
+    """Records back from Parquet rows (e.g. `read_records(...).to_dict("records")`), metric columns in `values`."""
+    names = {item.name for item in record_fields()}
+    return [
+        Record(**{key: value for key, value in row.items() if key in names},
+               values={key: value for key, value in row.items() if key not in names})
+        for row in rows
+    ]

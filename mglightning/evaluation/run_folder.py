@@ -1,0 +1,173 @@
+"""The run folder of an evaluation, which holds hours of work: where it is, who writes it, what replaces it.
+
+- **One place decides it**: `choose_run_folder` (a new `version_<n>` under the runs' root, or the folder to
+  resume, `last` being the newest that holds a run description).
+- **One writer at a time**: `RunLock` takes an exclusive lock on `<run_dir>/.lock` for the whole run. A second
+  process on the same folder is refused at once, with the holder's host and process id. The lock is an OS file
+  lock, released when its process ends however it ends, so a lock left by a dead process is simply taken over.
+- **Nothing lost by `--overwrite`**: `move_aside` moves a folder's records, grid samples, results, figures,
+  description and logs into `<run_dir>/replaced-<UTC time>/` (called only after the new evaluation has been
+  checked).
+- **No empty runs**: `discard_unstarted` removes what a run that failed before its first record left, so that
+  `--resume last` cannot pick it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+__all__ = ["RunFolderBusyError", "RunLock", "choose_run_folder", "discard_unstarted", "move_aside"]
+
+# What a run writes into its folder (the lock file aside); what --overwrite moves aside and an unstarted run removes.
+RUN_CONTENTS = ("records", "grid", "run.json", "config.yaml", "results.*", "*.png", "events.out.tfevents.*",
+                "hparams.yaml")
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+def _versions(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in root.glob("version_*"):
+        suffix = path.name.split("_", 1)[1]
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def choose_run_folder(root: str | Path, resume: str | None = None) -> Path:
+    """The run folder of an evaluation: `--resume`'s folder (`last`: the newest under `root` with a run.json),
+    or else a new `version_<n>` under `root`, reserved by creating it (two runs started at once get two)."""
+    root = Path(root)
+    if resume == "last":
+        runs = [path for _, path in _versions(root) if (path / "run.json").is_file()]
+        if not runs:
+            raise ValueError(f"--resume last: no evaluation run under {root} yet.")
+        return max(runs, key=lambda path: (path / "run.json").stat().st_mtime)
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "run.json").is_file():
+            raise ValueError(
+                f"--resume {resume}: not an evaluation run folder (no run.json); pass the folder a previous run "
+                "printed, or leave --resume out to start a new run."
+            )
+        return run_dir
+    root.mkdir(parents=True, exist_ok=True)
+    number = max((version for version, _ in _versions(root)), default=-1) + 1
+    while True:
+        candidate = root / f"version_{number}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            number += 1
+
+
+class RunLock:
+    """An exclusive lock on a run folder for one process (`<run_dir>/.lock`, holding the holder's host and pid).
+
+    Example:
+        >>> lock = RunLock(run_dir).acquire()      # doctest: +SKIP
+        >>> ...                                     # the run
+        >>> lock.release()                          # doctest: +SKIP
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._handle = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise `RunFolderBusyError` naming the live holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = _holder(handle.read())
+                handle.close()
+                raise RunFolderBusyError(
+                    f"{self.path.parent} is being evaluated by another process ({holder}); two runs in one folder "
+                    "would evaluate the same samples twice. Wait for it to finish, stop it, or evaluate into another "
+                    "folder."
+                ) from None
+            # A holder that released (and removed the file) between our open and our lock: lock the new file.
+            if self.path.exists() and os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
+                break
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        """Release the lock and remove its file (the OS releases the lock, not the file, when a process dies)."""
+        if self._handle is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+
+def _holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+        return f"host {info['host']}, PID {info['pid']}, since {since}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _contents(run_dir: Path) -> list[Path]:
+    found: list[Path] = []
+    for pattern in RUN_CONTENTS:
+        found.extend(sorted(run_dir.glob(pattern)))
+    return found
+
+
+def move_aside(run_dir: str | Path) -> Path | None:
+    """Move what a run wrote into `<run_dir>/replaced-<UTC time>/`; returns that folder (None if there was
+    nothing to move)."""
+    run_dir = Path(run_dir)
+    contents = _contents(run_dir)
+    if not contents:
+        return None
+    aside = run_dir / time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime())
+    suffix = 1
+    while aside.exists():
+        aside = aside.with_name(f"{aside.name.split('.')[0]}.{suffix}")
+        suffix += 1
+    aside.mkdir()
+    for path in contents:
+        shutil.move(str(path), aside / path.name)
+    return aside
+
+
+def discard_unstarted(run_dir: str | Path) -> bool:
+    """Remove what a run left that failed before its first record (its run.json, config, logs, and the folder
+    itself when nothing else is in it); returns whether it did. A folder holding records is left as it is."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or any((run_dir / "records").glob("*.parquet")):
+        return False
+    for path in _contents(run_dir):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    lock = run_dir / ".lock"
+    if lock.is_file():
+        lock.unlink()
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
+    return True
