@@ -20,7 +20,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from mglightning.attacks import TopKInterpretationAttack
 from mglightning.data import DigitsDataModule
+from mglightning.evaluation import default_metrics
+from mglightning.metrics import DeletionInsertionAUC
 from mglightning.explainers import CASO, MoreauGrad, SimpleGradient, SmoothGrad
 from mglightning.modules import ClassifierModule, ExplanationEvaluator
 from mglightning.reporting import read_records
@@ -53,8 +56,10 @@ def main() -> None:
     records = {}
     for accelerator in ("cpu", "gpu"):
         evaluator = ExplanationEvaluator(
-            str(checkpoint), explainers, epsilon=0.973, attack_steps=5, max_samples=args.samples,
-            fidelity_steps=8, convexity_iterations=10, run_dir=str(work / accelerator), bootstrap_samples=200,
+            str(checkpoint), explainers, epsilon=0.973,
+            attacks={"topk": functools.partial(TopKInterpretationAttack, num_steps=5)},
+            metrics={**default_metrics(), "fidelity": DeletionInsertionAUC(steps=8)}, max_samples=args.samples,
+            convexity_iterations=10, run_dir=str(work / accelerator), bootstrap_samples=200,
         )
         data = DigitsDataModule(batch_size=16, image_size=32)
         runner = pl.Trainer(accelerator=accelerator, devices=1, logger=False, inference_mode=False,
@@ -62,7 +67,7 @@ def main() -> None:
         started = time.perf_counter()
         runner.test(evaluator, datamodule=data, verbose=False)
         report[f"seconds_{accelerator}"] = round(time.perf_counter() - started, 2)
-        records[accelerator] = read_records(work / accelerator).set_index(["method", "index"]).sort_index()
+        records[accelerator] = read_records(work / accelerator).set_index(["method", "attack", "index"]).sort_index()
     columns = ["distance", "topk", "ssim", "gini", "deletion_auc", "insertion_auc", "weak_convexity",
                "evals_clean", "evals_attack", "evals_attacked"]
     report["max_abs_difference"] = {

@@ -44,6 +44,12 @@ class Attack(abc.ABC):
     name: ClassVar[str]
     surrogate_name: str = "none"
 
+    @property
+    def applies(self) -> bool:
+        """Whether this attack applies to its explainer (e.g. an attack through a solver that the explainer does
+        not have does not); an evaluation records no result for an attack that does not apply."""
+        return True
+
     @abc.abstractmethod
     def run(
         self, inputs: Tensor, target: int | Tensor, *, seeds: Tensor | None = None, initial: Tensor | None = None

@@ -65,8 +65,8 @@ class MetricSpec:
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One results row: an explainer under one budget. `surrogates` names, per attack label, whose map the
-    attack differentiated (`self`, a registry name, or `none`)."""
+    """One results row: an explainer under one budget. `surrogates` names, per label of an attack that applies
+    to it, whose map the attack differentiated (`self`, a registry name, or `none`)."""
 
     method: str
     label: str

@@ -218,7 +218,7 @@ def measure_batch(
         clean = explanation.attribution
         seconds_clean = (_clock(images) - started) / batch_size
         clean_values: dict[str, list[float]] = {}
-        clean_batch = MapBatch(model, images, explained, clean.detach())
+        clean_batch = MapBatch(model, images, explained, clean.detach(), explainer=explainer, seeds=seeds)
         for metric_label, metric in metrics.items():
             if not metric.needs_attack:
                 clean_values.update(values_of(metric_label, metric.measure(clean_batch)))
@@ -242,6 +242,8 @@ def measure_batch(
                 if progress is not None:
                     progress(f"{label}: {attack_label} attack at ε={eps:g}")
                 attack = (built_attacks or {}).get((label, eps, attack_label)) or factory(explainer, eps)
+                if not attack.applies:
+                    continue
                 started = _clock(images)
                 initial = explanation.solution if warm_start else None
                 result = attack.run(images, explained, seeds=seeds, initial=initial)
@@ -252,7 +254,8 @@ def measure_batch(
                 )
                 attacked = attacked_explanation.attribution
                 seconds_attacked = (_clock(images) - started) / batch_size
-                pair = MapBatch(model, images, explained, clean.detach(), result.inputs, attacked.detach())
+                pair = MapBatch(model, images, explained, clean.detach(), result.inputs, attacked.detach(),
+                                explainer=explainer, seeds=seeds)
                 values = dict(clean_values)
                 for metric_label, metric in metrics.items():
                     if metric.needs_attack:

@@ -201,16 +201,17 @@ def read_records(run_dir: str | Path, metric_columns: Sequence[str] | None = Non
     return frame.sort_values(["method", "attack", "index"], kind="stable").reset_index(drop=True)
 
 
-def recorded_indices(run_dir: str | Path, methods: Sequence[str], attacks: Sequence[str],
-                     metric_columns: Sequence[str]) -> set[int]:
-    """Dataset indices whose records are complete (every method under every attack) in the run folder."""
+def recorded_indices(run_dir: str | Path, expected: Mapping[str, Sequence[str]], metric_columns: Sequence[str]) -> set[int]:
+    """Dataset indices whose records are complete in the run folder: for every method (`expected`'s keys), one
+    record under each of the attacks that apply to it (its values)."""
     frame = read_records(run_dir, metric_columns)
     if frame.empty:
         return set()
-    frame = frame[frame["method"].isin(list(methods)) & frame["attack"].isin(list(attacks))]
+    wanted = {(method, attack) for method, attacks in expected.items() for attack in attacks}
+    pairs = list(zip(frame["method"], frame["attack"]))
+    frame = frame[[pair in wanted for pair in pairs]]
     counts = frame.groupby("index").size()
-    expected = len(methods) * len(attacks)
-    return {int(index) for index, count in counts.items() if count == expected}
+    return {int(index) for index, count in counts.items() if count == len(wanted)}
 
 
 def summary_fields() -> dict[str, Any]:

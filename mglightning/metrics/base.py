@@ -37,6 +37,8 @@ class MapBatch:
         clean: `(B, C, H, W)` signed clean maps.
         attacked_inputs: the attacked images, or None for metrics of the clean map alone (`needs_attack` False).
         attacked: the signed maps of the attacked images, or None likewise.
+        explainer: the explainer that made the maps (for metrics that explain again, e.g. on another model).
+        seeds: `(B,)` the noise seeds the maps were made with.
     """
 
     model: nn.Module
@@ -45,6 +47,8 @@ class MapBatch:
     clean: Tensor
     attacked_inputs: Tensor | None = None
     attacked: Tensor | None = None
+    explainer: Any = None
+    seeds: Tensor | None = None
 
 
 class SampleMetric(Metric):
@@ -78,6 +82,10 @@ class SampleMetric(Metric):
     def measure(self, batch: MapBatch) -> dict[str, Tensor]:
         """The `(B,)` values of each output for one batch (no state changes)."""
         raise NotImplementedError(f"{type(self).__name__} must implement measure(batch) -> {{output: (B,) tensor}}.")
+
+    def update(self, batch: MapBatch) -> None:
+        """Measure a batch and add its values (the built-in metrics take their familiar arguments instead)."""
+        self.accumulate(self.measure(batch))
 
     def accumulate(self, values: dict[str, Tensor]) -> None:
         """Add per-sample values (as `measure` returns them, or read back from records) to the sums."""

@@ -39,7 +39,7 @@ from mglightning.evaluation.measure import (
     metric_columns,
 )
 from mglightning.evaluation.records import RecordWriter, atomic_write_bytes, read_records, recorded_indices
-from mglightning.evaluation.run_folder import RunLock, move_aside
+from mglightning.evaluation.run_folder import RunFolderBusyError, RunLock, move_aside
 from mglightning.explainers.base import Explainer
 from mglightning.models.loading import ClassifierSource, build_classifier
 from mglightning.metrics import SampleMetric
@@ -227,11 +227,16 @@ class ExplanationEvaluator(pl.LightningModule):
         self.description = description
         strategy = self.trainer.strategy
         if self.trainer.is_global_zero:
-            self._lock = RunLock(run_dir).acquire()
+            try:
+                self._lock = RunLock(run_dir).acquire()
+            except RunFolderBusyError:
+                self._discard_own_events()
+                raise
         strategy.barrier("run folder locked")
         existing = _existing_description(run_dir)
         if existing is not None and existing.fingerprint != description.fingerprint and not self.overwrite:
             self._release()
+            self._discard_own_events()
             changed = existing.differences(description) if isinstance(existing, RunDescription) else ["unreadable"]
             raise ValueError(
                 f"{run_dir} holds an evaluation with other settings (differing: {', '.join(changed) or 'unknown'}), "
@@ -246,12 +251,13 @@ class ExplanationEvaluator(pl.LightningModule):
                 print(f"--overwrite: the previous run in {run_dir} was moved to {aside}.")
             description.save(run_dir)
         strategy.barrier("run described")
-        rows = [row for row, _, _ in self.rows]
-        done = recorded_indices(run_dir, rows, list(self.attack_factories), description.metric_columns)
+        expected = {row.method: list(row.surrogates) for row in description.rows}
+        done = recorded_indices(run_dir, expected, description.metric_columns)
         strategy.barrier("records read")
         remaining = [index for index in range(planned) if index not in done]
         if not remaining:
             self._release()
+            self._discard_own_events()
             raise RunComplete(run_dir, planned)
         if done and self.trainer.is_global_zero:
             print(f"Resuming {run_dir}: {len(done)} of {planned} samples already recorded, {len(remaining)} to go.")
@@ -280,9 +286,11 @@ class ExplanationEvaluator(pl.LightningModule):
             )
             for label, explainer in self.explainers.items()
         )
+        first_row = self.rows[0]
+        built = {label: self.attacks[(first_row[1], first_row[2], label)] for label in self.attack_factories}
         attacks = tuple(
-            AttackSpec(label=label, name=getattr(_factory_class(factory), "name", label),
-                       class_path=_class_path(_factory_class(factory)), settings=_factory_settings(factory))
+            AttackSpec(label=label, name=getattr(built[label], "name", label), class_path=_class_path(type(built[label])),
+                       settings=_factory_settings(factory))
             for label, factory in self.attack_factories.items()
         )
         metrics = tuple(
@@ -301,7 +309,7 @@ class ExplanationEvaluator(pl.LightningModule):
                 display_name=self.explainers[label].display_name + ("" if len(self.epsilons) == 1 else f" (ε={eps:g})"),
                 family=self.explainers[label].family, epsilon=eps,
                 surrogates={attack_label: getattr(self.attacks[(label, eps, attack_label)], "surrogate_name", "none")
-                            for attack_label in self.attack_factories},
+                            for attack_label in self.attack_factories if self.attacks[(label, eps, attack_label)].applies},
             )
             for row, label, eps in self.rows
         )
@@ -403,11 +411,14 @@ class ExplanationEvaluator(pl.LightningModule):
     def _log_aggregates(self, experiment, aggregated: list) -> None:
         """`test/<row>/<attack>/<column>`: each metric's mean over every sample, aggregated over the devices."""
         position = 0
-        for row, _, _ in self.rows:
+        for row, explainer_label, eps in self.rows:
             for attack_label in self.attack_factories:
+                applies = self.attacks[(explainer_label, eps, attack_label)].applies
                 for label, metric in self.metrics.items():
                     value = aggregated[position]
                     position += 1
+                    if not applies:
+                        continue
                     outputs = value if isinstance(value, dict) else {next(iter(metric.outputs)): value}
                     for column, (owner, output) in self.columns.items():
                         if owner == label:
@@ -415,6 +426,16 @@ class ExplanationEvaluator(pl.LightningModule):
 
     def on_test_end(self) -> None:
         self._release()
+
+    def _discard_own_events(self) -> None:
+        """A refused run leaves its folder as it found it: Lightning opens the logger's events file at set-up,
+        before the folder is checked; this closes and removes that one file (never an earlier run's)."""
+        experiment = getattr(self.logger, "_experiment", None) if self.logger is not None else None
+        path = getattr(getattr(getattr(experiment, "file_writer", None), "event_writer", None), "_file_name", None)
+        if path:
+            experiment.close()
+            Path(path).unlink(missing_ok=True)
+            self.logger._experiment = None
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -502,11 +523,6 @@ def _frame(records):
 
 def _class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _factory_class(factory: Any) -> type:
-    """The class a factory builds (`functools.partial` from the config, or the class itself)."""
-    return getattr(factory, "func", factory)
 
 
 def _factory_settings(factory: Any) -> dict[str, Any]:

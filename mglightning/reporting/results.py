@@ -199,12 +199,12 @@ def summarise_records(records: Any, description: Any, resamples: int = 1000, see
     from mglightning.evaluation.records import summary_fields
 
     combined = worst_case(records, description)
-    attacks = [attack.label for attack in description.attacks]
     directions = {column: direction for metric in description.metrics for column, direction in metric.columns.items()}
     shown = tuple(column for metric in description.metrics if metric.interval for column in metric.columns)
     attack_columns = [column for metric in description.metrics if metric.needs_attack for column in metric.columns]
     rows: list[ResultRow] = []
     for spec in description.rows:
+        attacks = list(spec.surrogates)  # the attacks that apply to this method
         part = combined[combined["method"] == spec.method].sort_values("index")
         values: dict[str, float | None] = {}
         intervals: dict[str, tuple[float, float]] = {}
@@ -221,7 +221,7 @@ def summarise_records(records: Any, description: Any, resamples: int = 1000, see
                 own = records[(records["method"] == spec.method) & (records["attack"] == attack)]
                 per_attack[attack] = {column: float(own[column].astype("float64").mean()) for column in attack_columns}
         worst = part["worst_attack"].value_counts() if len(attacks) > 1 else {}
-        surrogates = [spec.surrogates.get(attack, "none") for attack in attacks]
+        surrogates = [spec.surrogates[attack] for attack in attacks]
         rows.append(
             ResultRow(
                 method=spec.method, label=spec.label, explainer=spec.explainer, display_name=spec.display_name,
