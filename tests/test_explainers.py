@@ -12,6 +12,7 @@ from torch import nn
 
 from mglightning.explainers import (
     EXPLAINERS,
+    CaptumExplainer,
     DeepLift,
     Explainer,
     IntegratedGradients,
@@ -36,6 +37,7 @@ SPEC_NAMES = {
     "group_sparse_moreaugrad",
     "caso",
     "cafo",
+    "captum",
 }
 
 # Small settings that keep every method fast on the tiny network below.
@@ -110,7 +112,7 @@ def test_registry_holds_exactly_the_spec_names():
         assert cls.surrogate == ("self" if cls.supports_create_graph else "simple_gradient")
         expected = {"relex": "softmax", "caso": "log_softmax", "cafo": "log_softmax"}.get(name, "logit")
         assert explainer_settings(name)["score"] == expected
-    assert not any(cls.supports_create_graph for cls in (DeepLift, RelEx, SparsifiedSmoothGrad))
+    assert not any(cls.supports_create_graph for cls in (DeepLift, RelEx, SparsifiedSmoothGrad, CaptumExplainer))
 
 
 def test_build_explainer_passes_settings_and_stores_model_and_score(model):
@@ -187,7 +189,7 @@ def test_group_size_must_divide_the_image(model, images):
         explainer.attribute(images, 0)
 
 
-@pytest.mark.parametrize("name", ["deeplift", "relex", "sparsified_smoothgrad"])
+@pytest.mark.parametrize("name", ["deeplift", "relex", "sparsified_smoothgrad", "captum"])
 def test_methods_without_create_graph_name_their_surrogate(model, images, name):
     with pytest.raises(ValueError, match="differentiate its declared surrogate 'simple_gradient'"):
         fast(name, model).attribute(images, 0, create_graph=True)
