@@ -183,6 +183,58 @@ def test_bad_calls_fail_early_with_clear_errors(model, images, name):
             explainer.attribute(*args, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        np.array([0, 3, 1]),
+        np.array([0, 3, 1], dtype=np.int32),
+        np.array([[0], [3], [1]], dtype=np.uint8),
+        torch.tensor([[0, 3, 1]]),
+        torch.tensor([[0], [3], [1]], dtype=torch.int32),
+    ],
+    ids=["numpy_int64", "numpy_int32", "numpy_uint8_column", "tensor_row", "tensor_int32_column"],
+)
+def test_integer_targets_of_any_shape_that_squeezes_to_the_batch_are_accepted(model, images, target):
+    expected = SimpleGradient(model).attribute(images, TARGET)
+    assert torch.equal(SimpleGradient(model).attribute(images, target), expected)
+
+
+def test_one_class_for_all_samples_in_any_integer_form(model, images):
+    expected = SimpleGradient(model).attribute(images, torch.tensor([2, 2, 2]))
+    for target in (2, np.int64(2), np.array(2, dtype=np.int16), torch.tensor(2, dtype=torch.int32)):
+        assert torch.equal(SimpleGradient(model).attribute(images, target), expected)
+    one = SimpleGradient(model).attribute(images[:1], torch.tensor([2]))
+    for target in (np.array([[2]]), torch.tensor([[[2]]])):  # one sample: every singleton shape
+        assert torch.equal(SimpleGradient(model).attribute(images[:1], target), one)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (np.array([[0, 1], [2, 3], [0, 1]]), r"have shape \(3,\).*got \(3, 2\)"),
+        (np.array([0.0, 1.0, 2.0]), "integer class indices, got dtype torch.float64"),
+        (np.array([True, False, True]), "integer class indices, got dtype torch.bool"),
+        (np.array(["a", "b", "c"]), "target must be an int or integer class indices.*got ndarray"),
+        ([0, 1, 2], "target must be an int or integer class indices.*got list"),
+        (np.array([0, -1, 2]), "non-negative"),
+    ],
+)
+def test_bad_targets_are_refused_clearly(model, images, target, message):
+    with pytest.raises(ValueError, match=message):
+        SimpleGradient(model).attribute(images, target)
+
+
+def test_inputs_of_another_dtype_than_the_model_are_refused_with_the_fix(model, images):
+    with pytest.raises(ValueError, match=r"inputs are torch.float64 but the model's parameters are torch.float32: "
+                                         r"cast the inputs with inputs.to\(torch.float32\)"):
+        SimpleGradient(model).attribute(images.double(), TARGET)
+    with pytest.raises(ValueError, match="got a numpy array: convert it with torch.from_numpy"):
+        SimpleGradient(model).attribute(images.numpy(), TARGET)
+    # Autocast casts the inputs itself, so any floating inputs go.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SimpleGradient(model).attribute(images.bfloat16(), TARGET).shape == images.shape
+
+
 def test_group_size_must_divide_the_image(model, images):
     explainer = fast("group_sparse_moreaugrad", model, group_size=3)
     with pytest.raises(ValueError, match=r"GroupSparseMoreauGrad: group_size=3 must divide .* \[1, 2, 4, 8\]"):

@@ -329,13 +329,13 @@ def check_inputs(inputs: Tensor, model: nn.Module | None = None) -> None:
 def format_target(target: int | Tensor | np.ndarray, inputs: Tensor) -> Tensor:
     """`target` as a `(B,)` long tensor on the inputs' device, after checking its type, shape and sign.
 
-    An int (or a one-element tensor or array) is every sample's class; a tensor or numpy array of integers of
+    An int (or a 0-d integer tensor or array) is every sample's class; a tensor or numpy array of integers of
     any shape that squeezes to `(B,)` (e.g. Quantus's `(B,)` int32 arrays, or `(B, 1)` labels) gives one class
     per sample.
     """
     batch = inputs.shape[0]
     if isinstance(target, np.ndarray) and target.dtype.kind in "biufc":
-        target = torch.from_numpy(np.ascontiguousarray(target))
+        target = torch.tensor(target)
     if isinstance(target, np.integer):
         target = int(target)
     if isinstance(target, Tensor) and target.ndim == 0 and not (target.is_floating_point() or target.is_complex()):

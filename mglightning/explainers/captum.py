@@ -69,7 +69,7 @@ class CaptumExplainer(Explainer):
     measured by a hook on the model (a chunk's rows shared equally by its samples). For gradient and propagation
     methods each row is one forward+backward, the same unit as the other explainers; for perturbation methods
     (`Occlusion`, `FeatureAblation`, `ShapleyValueSampling`, `KernelShap`, `Lime`) the rows are forward passes
-    only, so the count overstates their cost in gradient evaluations (a forward pass costs roughly a third of one).
+    only, so the count overstates their cost in gradient evaluations (a forward pass has no backward).
 
     Args:
         model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
