@@ -12,6 +12,7 @@ from torch import nn
 
 from mglightning.explainers import (
     EXPLAINERS,
+    CaptumExplainer,
     DeepLift,
     Explainer,
     IntegratedGradients,
@@ -36,6 +37,7 @@ SPEC_NAMES = {
     "group_sparse_moreaugrad",
     "caso",
     "cafo",
+    "captum",
 }
 
 # Small settings that keep every method fast on the tiny network below.
@@ -110,7 +112,7 @@ def test_registry_holds_exactly_the_spec_names():
         assert cls.surrogate == ("self" if cls.supports_create_graph else "simple_gradient")
         expected = {"relex": "softmax", "caso": "log_softmax", "cafo": "log_softmax"}.get(name, "logit")
         assert explainer_settings(name)["score"] == expected
-    assert not any(cls.supports_create_graph for cls in (DeepLift, RelEx, SparsifiedSmoothGrad))
+    assert not any(cls.supports_create_graph for cls in (DeepLift, RelEx, SparsifiedSmoothGrad, CaptumExplainer))
 
 
 def test_build_explainer_passes_settings_and_stores_model_and_score(model):
@@ -181,13 +183,65 @@ def test_bad_calls_fail_early_with_clear_errors(model, images, name):
             explainer.attribute(*args, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "target",
+    [
+        np.array([0, 3, 1]),
+        np.array([0, 3, 1], dtype=np.int32),
+        np.array([[0], [3], [1]], dtype=np.uint8),
+        torch.tensor([[0, 3, 1]]),
+        torch.tensor([[0], [3], [1]], dtype=torch.int32),
+    ],
+    ids=["numpy_int64", "numpy_int32", "numpy_uint8_column", "tensor_row", "tensor_int32_column"],
+)
+def test_integer_targets_of_any_shape_that_squeezes_to_the_batch_are_accepted(model, images, target):
+    expected = SimpleGradient(model).attribute(images, TARGET)
+    assert torch.equal(SimpleGradient(model).attribute(images, target), expected)
+
+
+def test_one_class_for_all_samples_in_any_integer_form(model, images):
+    expected = SimpleGradient(model).attribute(images, torch.tensor([2, 2, 2]))
+    for target in (2, np.int64(2), np.array(2, dtype=np.int16), torch.tensor(2, dtype=torch.int32)):
+        assert torch.equal(SimpleGradient(model).attribute(images, target), expected)
+    one = SimpleGradient(model).attribute(images[:1], torch.tensor([2]))
+    for target in (np.array([[2]]), torch.tensor([[[2]]])):  # one sample: every singleton shape
+        assert torch.equal(SimpleGradient(model).attribute(images[:1], target), one)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (np.array([[0, 1], [2, 3], [0, 1]]), r"have shape \(3,\).*got \(3, 2\)"),
+        (np.array([0.0, 1.0, 2.0]), "integer class indices, got dtype torch.float64"),
+        (np.array([True, False, True]), "integer class indices, got dtype torch.bool"),
+        (np.array(["a", "b", "c"]), "target must be an int or integer class indices.*got ndarray"),
+        ([0, 1, 2], "target must be an int or integer class indices.*got list"),
+        (np.array([0, -1, 2]), "non-negative"),
+    ],
+)
+def test_bad_targets_are_refused_clearly(model, images, target, message):
+    with pytest.raises(ValueError, match=message):
+        SimpleGradient(model).attribute(images, target)
+
+
+def test_inputs_of_another_dtype_than_the_model_are_refused_with_the_fix(model, images):
+    with pytest.raises(ValueError, match=r"inputs are torch.float64 but the model's parameters are torch.float32: "
+                                         r"cast the inputs with inputs.to\(torch.float32\)"):
+        SimpleGradient(model).attribute(images.double(), TARGET)
+    with pytest.raises(ValueError, match="got a numpy array: convert it with torch.from_numpy"):
+        SimpleGradient(model).attribute(images.numpy(), TARGET)
+    # Autocast casts the inputs itself, so any floating inputs go.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert SimpleGradient(model).attribute(images.bfloat16(), TARGET).shape == images.shape
+
+
 def test_group_size_must_divide_the_image(model, images):
     explainer = fast("group_sparse_moreaugrad", model, group_size=3)
     with pytest.raises(ValueError, match=r"GroupSparseMoreauGrad: group_size=3 must divide .* \[1, 2, 4, 8\]"):
         explainer.attribute(images, 0)
 
 
-@pytest.mark.parametrize("name", ["deeplift", "relex", "sparsified_smoothgrad"])
+@pytest.mark.parametrize("name", ["deeplift", "relex", "sparsified_smoothgrad", "captum"])
 def test_methods_without_create_graph_name_their_surrogate(model, images, name):
     with pytest.raises(ValueError, match="differentiate its declared surrogate 'simple_gradient'"):
         fast(name, model).attribute(images, 0, create_graph=True)

@@ -2,10 +2,12 @@
 
 Every method has Captum's shape: `Method(model, **settings).attribute(inputs, target, *, seeds=None,
 create_graph=False, initial=None)` (`explain` returns an `Explanation`: the map, its cost and a solver's
-solution for warm starts), and can be built by name with `build_explainer(name, model, **settings)`.
+solution for warm starts), and can be built by name with `build_explainer(name, model, **settings)`;
+`CaptumExplainer` (`captum`) runs any Captum attribution method under the same contract.
 """
 
 from mglightning.explainers.base import SCORES, ClassScore, Explainer, Explanation
+from mglightning.explainers.captum import CaptumExplainer
 from mglightning.explainers.caso import CAFO, CASO
 from mglightning.explainers.deeplift import DeepLift
 from mglightning.explainers.gradients import (
@@ -31,6 +33,7 @@ __all__ = [
     "CAFO",
     "CASO",
     "EXPLAINERS",
+    "CaptumExplainer",
     "SCORES",
     "ClassCrossEntropy",
     "ClassScore",

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -44,12 +45,7 @@ class ClassScore:
 
     def select(self, logits: Tensor, sample_index: Tensor | None = None, score: str | None = None) -> Tensor:
         """Pick row `r`'s score of class `target[sample_index[r]]` from `(N, num_classes)` logits."""
-        if logits.ndim != 2:
-            raise ValueError(f"The model must return (N, num_classes) scores, got shape {tuple(logits.shape)}.")
-        if self._max_target >= logits.shape[1]:
-            raise ValueError(
-                f"target {self._max_target} is out of range for a model with {logits.shape[1]} classes."
-            )
+        check_scores_shape(logits, self._max_target)
         score = score or self.score
         if score == "log_softmax":
             logits = torch.log_softmax(logits, dim=1)
@@ -154,8 +150,10 @@ class Explainer(abc.ABC):
         """Attribute each sample's class score to its input pixels.
 
         Args:
-            inputs: `(B, C, H, W)` float images.
-            target: the class explained: an int for all samples or a `(B,)` long tensor.
+            inputs: `(B, C, H, W)` float images, of the floating dtype of the model's parameters (float64 images
+                for a float32 model are refused with an error, not cast).
+            target: the class explained: an int for all samples, or one integer class per sample in a tensor or
+                numpy array of any shape that squeezes to `(B,)` (e.g. `(B,)` or `(B, 1)`).
             seeds: `(B,)` integer tensor, sample `i`'s noise comes only from `seeds[i]`; `None` draws one
                 seed per sample from torch's global RNG (so `torch.manual_seed` reproduces the maps).
                 Methods without noise check its length and ignore it.
@@ -192,7 +190,7 @@ class Explainer(abc.ABC):
                 f"differentiate its declared surrogate {self.surrogate!r} instead "
                 f"(build_explainer({self.surrogate!r}, model))."
             )
-        check_inputs(inputs)
+        check_inputs(inputs, self.model)
         self.check_input_shape(inputs.shape)
         target = format_target(target, inputs)
         seeds = format_seeds(seeds, inputs.shape[0])
@@ -290,8 +288,22 @@ def check_finite_scores(scores: Tensor, model_name: str) -> None:
         )
 
 
-def check_inputs(inputs: Tensor) -> None:
-    """Raise a `ValueError` unless `inputs` is a non-empty, finite, floating `(B, C, H, W)` tensor."""
+def check_scores_shape(logits: Tensor, max_target: int) -> None:
+    """Raise a `ValueError` unless `logits` is `(N, num_classes)` with `max_target < num_classes`."""
+    if logits.ndim != 2:
+        raise ValueError(f"The model must return (N, num_classes) scores, got shape {tuple(logits.shape)}.")
+    if max_target >= logits.shape[1]:
+        raise ValueError(f"target {max_target} is out of range for a model with {logits.shape[1]} classes.")
+
+
+def check_inputs(inputs: Tensor, model: nn.Module | None = None) -> None:
+    """Raise a `ValueError` unless `inputs` is a non-empty, finite, floating `(B, C, H, W)` tensor, of the floating
+    dtype of `model`'s parameters when a model is given (not checked under autocast, which casts itself)."""
+    if isinstance(inputs, np.ndarray):
+        raise ValueError(
+            "inputs must be a torch.Tensor of shape (B, C, H, W), got a numpy array: convert it with "
+            "torch.from_numpy(inputs) (with Quantus, use mglightning.integrations.quantus.explain_func, which does)."
+        )
     if not isinstance(inputs, Tensor):
         raise ValueError(f"inputs must be a torch.Tensor of shape (B, C, H, W), got {type(inputs).__name__}.")
     if inputs.ndim != 4:
@@ -305,22 +317,44 @@ def check_inputs(inputs: Tensor) -> None:
         raise ValueError(f"inputs must be a floating tensor (images in [0, 1]), got {inputs.dtype}.")
     if not torch.isfinite(inputs).all():
         raise ValueError("inputs contains NaN or infinite values.")
+    if model is not None and not torch.is_autocast_enabled(inputs.device.type):
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        if dtype is not None and inputs.dtype != dtype:
+            raise ValueError(
+                f"inputs are {inputs.dtype} but the model's parameters are {dtype}: cast the inputs with "
+                f"inputs.to({dtype}) (or the model with model.to({inputs.dtype}))."
+            )
 
 
-def format_target(target: int | Tensor, inputs: Tensor) -> Tensor:
-    """`target` as a `(B,)` long tensor on the inputs' device, after checking its type, length and sign."""
+def format_target(target: int | Tensor | np.ndarray, inputs: Tensor) -> Tensor:
+    """`target` as a `(B,)` long tensor on the inputs' device, after checking its type, shape and sign.
+
+    An int (or a 0-d integer tensor or array) is every sample's class; a tensor or numpy array of integers of
+    any shape that squeezes to `(B,)` (e.g. Quantus's `(B,)` int32 arrays, or `(B, 1)` labels) gives one class
+    per sample.
+    """
     batch = inputs.shape[0]
-    if isinstance(target, Tensor) and target.ndim == 0:
+    if isinstance(target, np.ndarray) and target.dtype.kind in "biufc":
+        target = torch.tensor(target)
+    if isinstance(target, np.integer):
         target = int(target)
+    if isinstance(target, Tensor) and target.ndim == 0 and not (target.is_floating_point() or target.is_complex()):
+        target = target.item()
     if isinstance(target, bool) or not isinstance(target, (int, Tensor)):
-        raise ValueError(f"target must be an int or a (B,) long tensor, got {type(target).__name__}.")
+        raise ValueError(
+            f"target must be an int or integer class indices (a tensor or numpy array of shape ({batch},)), "
+            f"got {type(target).__name__}."
+        )
     if isinstance(target, int):
         target = torch.full((batch,), target, dtype=torch.long)
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}.")
+    if target.ndim != 1 and target.numel() == batch and target.squeeze().ndim <= 1:
+        target = target.reshape(batch)  # (B, 1), (1, B), ...: all but one dimension of size 1
     if target.shape != (batch,):
         raise ValueError(
-            f"target must be an int or have shape ({batch},) (one class per sample), got {tuple(target.shape)}."
+            f"target must be an int or have shape ({batch},) (one class per sample; shapes that squeeze to it, "
+            f"like ({batch}, 1), are accepted), got {tuple(target.shape)}."
         )
     if (target < 0).any():
         raise ValueError(f"target must hold non-negative class indices, got {target.tolist()}.")

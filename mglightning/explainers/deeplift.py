@@ -7,7 +7,7 @@ import warnings
 from captum.attr import DeepLift as CaptumDeepLift
 from torch import Tensor, nn
 
-from mglightning.explainers.base import Explainer
+from mglightning.explainers.base import Explainer, check_scores_shape
 from mglightning.explainers.gradients import record_gradient_evaluations
 
 
@@ -59,8 +59,5 @@ class _TargetRangeCheck(nn.Module):
         self.max_target = max_target
 
     def forward(self, logits: Tensor) -> Tensor:
-        if logits.ndim != 2:
-            raise ValueError(f"The model must return (N, num_classes) scores, got shape {tuple(logits.shape)}.")
-        if self.max_target >= logits.shape[1]:
-            raise ValueError(f"target {self.max_target} is out of range for a model with {logits.shape[1]} classes.")
+        check_scores_shape(logits, self.max_target)
         return logits

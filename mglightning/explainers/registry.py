@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from mglightning.explainers.base import Explainer
+from mglightning.explainers.captum import CaptumExplainer
 from mglightning.explainers.caso import CAFO, CASO
 from mglightning.explainers.deeplift import DeepLift
 from mglightning.explainers.gradients import IntegratedGradients, SimpleGradient, SmoothGrad, SparsifiedSmoothGrad
@@ -27,6 +28,7 @@ EXPLAINERS: dict[str, type[Explainer]] = {
         GroupSparseMoreauGrad,
         CASO,
         CAFO,
+        CaptumExplainer,
     )
 }
 
