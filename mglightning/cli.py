@@ -317,6 +317,8 @@ def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path
             print(f"  run folder: {evaluator.run_dir}  (re-report: python evaluate.py report {evaluator.run_dir})")
         return cli
     except BaseException:
+        if cli is not None and isinstance(cli.model, ExplanationEvaluator):
+            cli.model.release_run_folder()  # the process may go on (a notebook, a test): free the folder now
         run_dir = os.environ.get(RUN_DIR_VARIABLE)
         if launched and run_dir and discard_unstarted(run_dir):
             print(f"The run stopped before its first record; {run_dir} was removed.", file=sys.stderr)

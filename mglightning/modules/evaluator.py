@@ -427,6 +427,10 @@ class ExplanationEvaluator(pl.LightningModule):
     def on_test_end(self) -> None:
         self._release()
 
+    def release_run_folder(self) -> None:
+        """Release the run folder's lock now (a process that ends releases it anyway), e.g. after a failed run."""
+        self._release()
+
     def _discard_own_events(self) -> None:
         """A refused run leaves its folder as it found it: Lightning opens the logger's events file at set-up,
         before the folder is checked; this closes and removes that one file (never an earlier run's)."""
