@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from mglightning.models import create_model
+from mglightning.models import classifier_network
 from mglightning.models.loading import ClassifierSource, build_classifier
 from mglightning.modules.adversarial import AdversarialTraining
 
@@ -81,14 +81,8 @@ class ClassifierModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["adversarial"])
         # Stored as a plain dict, so checkpoints stay readable with torch.load(weights_only=True).
         self.hparams["adversarial"] = dataclasses.asdict(adversarial)
-        self.net = create_model(
-            arch,
-            num_classes=num_classes,
-            image_size=image_size,
-            in_chans=len(mean),
-            mean=tuple(mean),
-            std=tuple(std),
-            **(model_kwargs or {}),
+        self.net = classifier_network(
+            arch, num_classes=num_classes, image_size=image_size, mean=mean, std=std, model_kwargs=model_kwargs
         )
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.train_clean_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
