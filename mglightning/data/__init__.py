@@ -15,6 +15,7 @@ from mglightning.data.base import (
 from mglightning.data.cifar10 import CIFAR10DataModule
 from mglightning.data.digits import DigitsDataModule
 from mglightning.data.imagenet import ImageNetDataModule
+from mglightning.data.photo_patches import PhotoPatchesDataModule
 from mglightning.data.synthetic import SyntheticDataModule
 from mglightning.data.tinyimagenet import TinyImageNetDataModule
 
@@ -25,6 +26,7 @@ __all__ = [
     "ImageFileDataset",
     "ImageNetDataModule",
     "InMemoryImageDataModule",
+    "PhotoPatchesDataModule",
     "SyntheticDataModule",
     "TensorImageDataset",
     "TinyImageNetDataModule",

@@ -81,8 +81,10 @@ class ClassifierSource:
         model_kwargs: further settings of `arch`'s builder (`mglightning.models.create_model` or
             `timm.create_model`), e.g. `{width: 16, activation: softplus}`. `num_classes` defaults to the data's
             (for timm's pretrained weights: their head's), `image_size` and `in_chans` to the data's.
-        mean, std: the normalisation of the model's first layer. Default: the normalisation stored with the model
-            (a checkpoint, a state dict that holds one, timm's pretrained configuration), else the data's.
+        mean: the per-channel mean of the model's first layer, the normalisation. Default: the normalisation
+            stored with the model (a checkpoint, a state dict that holds one, timm's pretrained configuration),
+            else the data's.
+        std: the per-channel standard deviation of that normalisation (given with `mean`, or neither).
         normalize: False for a model that normalises its input itself: it then gets the [0, 1] pixels unchanged.
         class_subset: for a model with more outputs than the data has classes: the model's output index of each
             of the data's classes, in the data's class order (e.g. the ImageNet indices of a 10-class subset).

@@ -31,7 +31,8 @@ class ClassifierModule(pl.LightningModule):
         arch: registered model name (`resnet18`) or `timm/<name>`.
         num_classes: output classes (linked from the datamodule by the CLI).
         image_size: input height/width (linked from the datamodule).
-        mean, std: the data's per-channel statistics for the model's normalisation layer (linked).
+        mean: the data's per-channel mean, for the model's normalisation layer (linked from the datamodule).
+        std: the data's per-channel standard deviation, for the same layer (linked from the datamodule).
         model_kwargs: further settings of the model builder, e.g. `{activation: softplus, beta: 1.0, width: 64}`.
         optimizer: `sgd` (momentum, the paper's) or `adamw`.
         lr: initial learning rate.
