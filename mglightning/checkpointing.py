@@ -62,6 +62,7 @@ class RunCheckpoint(ModelCheckpoint):
 
 def _replace_with_link(link: Path, target: Path) -> None:
     """Point `link` at `target` with a relative symbolic link (a copy if links fail), replacing `link` atomically."""
+    link.parent.mkdir(parents=True, exist_ok=True)  # a resumed run that trained no epoch wrote nothing there
     temporary = link.with_name(f".{link.name}.tmp")
     temporary.unlink(missing_ok=True)
     try:

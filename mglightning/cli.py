@@ -15,6 +15,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import Logger
 
 from mglightning.checkpointing import DivergenceGuard, RunCheckpoint
+from mglightning.models.weights import read_weights_file
 from mglightning.modules.classifier import ClassifierModule
 
 
@@ -84,12 +85,26 @@ class TrainCLI(LightningCLI):
         for name in ("num_classes", "image_size", "mean", "std"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
 
-    def before_fit(self) -> None:
-        # `--ckpt_path` is read by Lightning (torch.load). Unless --weights_only says otherwise, read it with
-        # weights_only=True whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD say, so that a
-        # checkpoint cannot run code; train.py's checkpoints hold only tensors and plain values.
-        if self.config_init["fit"].get("weights_only") is None:
-            self.config_init["fit"]["weights_only"] = True
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads `--ckpt_path` twice: its hyperparameters right after this (torch.load with
+        # weights_only=True), then the whole checkpoint in `fit`. Reading it first with the package's one reader
+        # turns an empty, foreign or refused file into an error that says what it holds and what to do.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_weights_file(ckpt_path)
+
+    def fit(self, model: pl.LightningModule, **kwargs) -> None:
+        """`trainer.fit`, which LightningCLI calls through this method, reading the resumed checkpoint safely.
+
+        Unless `--weights_only false` is given, `--ckpt_path` is read with weights_only=True whatever torch's
+        default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD say, so that a checkpoint cannot run code (train.py's
+        checkpoints hold only tensors and plain values).
+        """
+        if kwargs.get("weights_only") is None:
+            kwargs["weights_only"] = True
+        self.trainer.fit(model, **kwargs)
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -88,7 +88,7 @@ def read_weights_file(path: str | Path) -> Any:
         # weights_only: tensors and plain Python values only, so that reading the file cannot run code from it.
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise ValueError(_refusal_message(path, str(error))) from error
+        raise ValueError(refusal_message(path, str(error))) from error
     except Exception as error:  # truncated archives and foreign pickles fail as RuntimeError, EOFError, ...
         raise ValueError(
             f"Could not read {str(path)!r} as a torch.save file: {type(error).__name__}: {error or 'no details'}. "
@@ -108,7 +108,7 @@ def _is_safetensors(head: bytes, size: int) -> bool:
     return 2 <= header_length <= size - 8 and head[8:9] == b"{"
 
 
-def _refusal_message(path: Path, detail: str) -> str:
+def refusal_message(path: Path, detail: str) -> str:
     """Why `torch.load(weights_only=True)` refused `path`, in words: what the file holds and what to do."""
     found = re.search(r"GLOBAL ([\w.]+)", detail)
     if found:
@@ -169,15 +169,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     return state_dict_of(read_weights_file(path), path)
 
 
-def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | Path, hint: str = "") -> None:
-    """`model.load_state_dict(state)` (strict), with an error naming the file and each kind of mismatch.
-
-    Args:
-        model: the module to load into.
-        state: the state dict read from `path`.
-        path: the file `state` came from (for the message).
-        hint: what to check, appended to the message (e.g. the settings that build the model).
-    """
+def state_dict_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str | None:
+    """How `state` fails to fit `model` (tensors of other shapes, missing and extra entries); None if it fits."""
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
@@ -188,17 +181,29 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | Pa
     ]
     problems = []
     if reshaped:
-        problems.append(f"{len(reshaped)} tensors have other shapes ({'; '.join(reshaped[:3])}"
-                        f"{'; ...' if len(reshaped) > 3 else ''})")
+        more = "; ..." if len(reshaped) > 3 else ""
+        problems.append(f"{len(reshaped)} tensors have other shapes ({'; '.join(reshaped[:3])}{more})")
     if missing:
         problems.append(f"{len(missing)} entries of the model are missing from the file (e.g. {', '.join(missing[:3])})")
     if unexpected:
         problems.append(f"{len(unexpected)} entries of the file are not in the model (e.g. {', '.join(unexpected[:3])})")
+    return "; ".join(problems) if problems else None
+
+
+def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | Path, hint: str = "") -> None:
+    """`model.load_state_dict(state)` (strict), with an error naming the file and each kind of mismatch.
+
+    Args:
+        model: the module to load into.
+        state: the state dict read from `path`.
+        path: the file `state` came from (for the message).
+        hint: what to check, appended to the message (e.g. the settings that build the model).
+    """
     name = type(model).__name__
+    problems = state_dict_mismatch(model, state)
     if problems:
         raise ValueError(
-            f"The weights in {str(path)!r} do not fit the {name} built for them: {'; '.join(problems)}."
-            + (f" {hint}" if hint else "")
+            f"The weights in {str(path)!r} do not fit the {name} built for them: {problems}." + (f" {hint}" if hint else "")
         )
     try:
         model.load_state_dict(state)
