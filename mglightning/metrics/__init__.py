@@ -1,4 +1,4 @@
-"""Robustness and sparsity metrics of attribution maps (SPEC section 6).
+"""Robustness and sparsity metrics of attribution maps (docs/semantics.md section 6).
 
 Metric classes (``torchmetrics.Metric``, sum/count states, exact under DDP):
 ``NormalizedDistance``, ``TopKIntersection``, ``SaliencySSIM`` (``update(original, attacked)``) and
