@@ -17,7 +17,7 @@ further.
 
 Figures are `matplotlib.figure.Figure`s on the Agg canvas (no display needed). Example:
 
-    >>> model = load_classifier("checkpoints/mnist5k/last.ckpt")
+    >>> model = load_classifier("checkpoints/digits/last.ckpt")  # python train.py fit --config configs/digits.yaml
     >>> samples = select_samples(model, datamodule.test_dataset, 4)
     >>> by_rho, by_eta = figure2_maps(model, samples, rhos=[0, 0.1, 0.3, 1.0], etas=[0, 0.005, 0.02])
     >>> save_figure(figure2(samples, by_rho, by_eta), "figure2.png")
