@@ -27,11 +27,17 @@ from mglightning.reporting.results import ResultRow, format_number
 
 __all__ = ["fidelity_figure", "normalised_magnitude", "robustness_figure", "saliency_grid", "saliency_image_grid", "save_figure"]
 
-# Panels: (ResultRow metric, panel title, whether lower values are more robust).
-_ROBUSTNESS_PANELS: tuple[tuple[str, str, bool], ...] = (
-    ("distance", "Normalized distance", True),
-    ("topk", "Top-k intersection", False),
-    ("ssim", "SSIM", False),
+# Panels: (ResultRow metric, panel title, whether lower values are more robust, the metric's largest value).
+# An axis never runs past the metric's range (docs/semantics.md section 6): a top-k share of 1.2 does not exist.
+_ROBUSTNESS_PANELS: tuple[tuple[str, str, bool, float], ...] = (
+    ("distance", "Normalized distance", True, 2.0),
+    ("topk", "Top-k intersection", False, 1.0),
+    ("ssim", "SSIM", False, 1.0),
+)
+# Areas under curves of a probability over the fraction [0, 1] of pixels: at most 1.
+_FIDELITY_PANELS: tuple[tuple[str, str, bool, float], ...] = (
+    ("deletion_auc", "Deletion AUC", True, 1.0),
+    ("insertion_auc", "Insertion AUC", False, 1.0),
 )
 
 # Okabe-Ito vermillion against a neutral grey: distinct for colour-blind readers and in grayscale print.
@@ -93,8 +99,7 @@ def fidelity_figure(rows: Sequence[ResultRow], title: str | None = None) -> Figu
     rows = [row for row in rows if row.epsilon == first and row.deletion_auc is not None]
     if not rows:
         raise ValueError("no rows with deletion/insertion areas: evaluate with fidelity_steps > 0.")
-    panels = (("deletion_auc", "Deletion AUC", True), ("insertion_auc", "Insertion AUC", False))
-    figure = _bars(rows, panels, width=8.0, caption="more faithful")
+    figure = _bars(rows, _FIDELITY_PANELS, width=8.0, caption="more faithful")
     if title:
         figure.suptitle(title)
     return figure
@@ -102,7 +107,7 @@ def fidelity_figure(rows: Sequence[ResultRow], title: str | None = None) -> Figu
 
 def _bars(
     rows: Sequence[ResultRow],
-    panels: Sequence[tuple[str, str, bool]] = _ROBUSTNESS_PANELS,
+    panels: Sequence[tuple[str, str, bool, float]] = _ROBUSTNESS_PANELS,
     width: float = 11.0,
     caption: str = "more robust",
 ) -> Figure:
@@ -111,7 +116,7 @@ def _bars(
     positions = np.arange(len(rows))
     figure = _new_figure(width, 1.6 + 0.34 * len(rows))
     axes = figure.subplots(1, len(panels), sharey=True)
-    for ax, (key, name, lower_is_better) in zip(axes, panels):
+    for ax, (key, name, lower_is_better, bound) in zip(axes, panels):
         values = np.array([getattr(row, key) for row in rows], dtype=float)
         intervals = np.array([_interval(row, key) for row in rows], dtype=float)
         errors = np.abs(np.stack([values - intervals[:, 0], intervals[:, 1] - values]))
@@ -124,13 +129,15 @@ def _bars(
                 bar.set_hatch(_MOREAUGRAD_HATCH)
         finite = intervals[np.isfinite(intervals)]
         largest = float(finite.max()) if finite.size else 1.0
-        right = max(largest, 0.05 if lower_is_better else 1.0) * 1.25
+        # Room for the values beside the bars, but never past the metric's range; a value next to a bar that
+        # reaches the range's end is written in the margin beside the axes (the layout makes room for it).
+        right = min(max(largest, 0.05 if lower_is_better else 1.0) * 1.25, bound)
         ax.set_xlim(0.0, right)
         # Each value is written just past the end of its error bar, so the two never overlap.
         for position, value, (_, high) in zip(positions, values, intervals):
             text = "n/a" if math.isnan(value) else format_number(value)
             anchor = np.nanmax([value, high, 0.0]) if not math.isnan(value) else 0.0
-            ax.text(anchor + 0.015 * right, position, text, va="center", fontsize=8)
+            ax.text(anchor + 0.015 * right, position, text, va="center", fontsize=8, clip_on=False)
         ax.set_title(f"{name} {'↓' if lower_is_better else '↑'}", fontsize=11)
         ax.set_xlabel(f"{'lower' if lower_is_better else 'higher'} is {caption}", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
@@ -159,7 +166,7 @@ def _budget_lines(rows: Sequence[ResultRow], budgets: list[float]) -> Figure:
     # A small horizontal offset per method keeps the error bars of neighbouring lines apart.
     span = (max(budgets) - min(budgets)) or 1.0
     offsets = np.linspace(-0.012, 0.012, len(labels)) * span
-    for ax, (key, name, lower_is_better) in zip(axes, _ROBUSTNESS_PANELS):
+    for ax, (key, name, lower_is_better, bound) in zip(axes, _ROBUSTNESS_PANELS):
         for position, label in enumerate(labels):
             line = by_label[label]
             moreau = line[0].family == "moreaugrad"
@@ -172,6 +179,8 @@ def _budget_lines(rows: Sequence[ResultRow], budgets: list[float]) -> Figure:
                 linestyle="-" if moreau else "--", linewidth=2.0 if moreau else 1.2,
                 color=_LINE_COLOURS[position % len(_LINE_COLOURS)], label=line[0].display_name,
             )
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(max(bottom, 0.0), min(top, bound))  # matplotlib's margins would run past the metric's range
         ax.set_xticks(budgets, [format_number(b) for b in budgets])
         ax.set_xlabel("attack budget ε (L2, pixel units)", fontsize=9)
         ax.set_title(f"{name} {'↓' if lower_is_better else '↑'}", fontsize=11)
