@@ -135,7 +135,8 @@ class DivergenceGuard(Callback):
             self._stop(
                 trainer, pl_module,
                 f"the weights are no longer finite at the end of epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step}" + (f" ({len(broken)} tensors, e.g. {', '.join(broken[:3])})" if broken else ""),
+                f"{trainer.global_step}"
+                + (f" ({len(broken)} tensors, e.g. {', '.join(broken[:3])})" if broken else ""),
             )
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, what: str) -> None:

@@ -315,3 +315,14 @@ def test_non_finite_weights_stop_the_run_before_its_checkpoint(tmp_path):
         trainer.fit(module, datamodule=data)
     assert not list((tmp_path / "ckpt").rglob("*.ckpt"))
     assert (tmp_path / "ckpt" / "version_0" / "DIVERGED.txt").is_file()
+
+
+def test_a_run_prints_no_advertising_tips_and_no_leafspec_warning(tmp_path, caplog, recwarn):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        train.cli_main(tiny_digits_args(tmp_path, "--test_after_fit", "false"))
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("GPU available" in message for message in logged)  # Lightning's other messages still come through
+    assert not [message for message in logged if "litlogger" in message or "litmodels" in message]
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]

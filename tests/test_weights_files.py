@@ -28,7 +28,10 @@ from mglightning.modules import ClassifierModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATA = dict(num_classes=10, image_size=16, in_chans=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
-REFUSED = r"Refused to read .*{name}.*a Python object \(exec\).*could run code.*torch\.save\(model\.state_dict\(\).*safetensors"
+REFUSED = (
+    r"Refused to read .*{name}.*a Python object \(exec\).*could run code.*torch\.save\(model\.state_dict\(\)"
+    r".*safetensors"
+)
 
 
 class Payload:

@@ -184,9 +184,13 @@ def state_dict_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str | 
         more = "; ..." if len(reshaped) > 3 else ""
         problems.append(f"{len(reshaped)} tensors have other shapes ({'; '.join(reshaped[:3])}{more})")
     if missing:
-        problems.append(f"{len(missing)} entries of the model are missing from the file (e.g. {', '.join(missing[:3])})")
+        problems.append(
+            f"{len(missing)} entries of the model are missing from the file (e.g. {', '.join(missing[:3])})"
+        )
     if unexpected:
-        problems.append(f"{len(unexpected)} entries of the file are not in the model (e.g. {', '.join(unexpected[:3])})")
+        problems.append(
+            f"{len(unexpected)} entries of the file are not in the model (e.g. {', '.join(unexpected[:3])})"
+        )
     return "; ".join(problems) if problems else None
 
 
@@ -203,11 +207,13 @@ def fit_state_dict(model: nn.Module, state: Mapping[str, Tensor], path: str | Pa
     problems = state_dict_mismatch(model, state)
     if problems:
         raise ValueError(
-            f"The weights in {str(path)!r} do not fit the {name} built for them: {problems}." + (f" {hint}" if hint else "")
+            f"The weights in {str(path)!r} do not fit the {name} built for them: {problems}."
+            + (f" {hint}" if hint else "")
         )
     try:
         model.load_state_dict(state)
     except RuntimeError as error:  # e.g. a tensor the model's own load_state_dict hook refuses
         raise ValueError(
-            f"The weights in {str(path)!r} do not fit the {name} built for them: {error}" + (f" {hint}" if hint else "")
+            f"The weights in {str(path)!r} do not fit the {name} built for them: {error}"
+            + (f" {hint}" if hint else "")
         ) from error
