@@ -1,9 +1,9 @@
 """The paper's figures as commands, each from a checkpoint and a datamodule, writing PNG and TensorBoard output:
 
-    python figures.py fig2 --config configs/figures_mnist5k.yaml     # MoreauGrad over rho, Sparse MoreauGrad over eta
-    python figures.py fig3 --config configs/figures_mnist5k.yaml     # discrepancy from the simple gradient
-    python figures.py fig4 --config configs/figures_mnist5k.yaml     # all methods side by side
-    python figures.py fig7 --config configs/figures_mnist5k.yaml     # misclassified samples
+    python figures.py fig2 --config configs/figures_digits.yaml      # MoreauGrad over rho, Sparse MoreauGrad over eta
+    python figures.py fig3 --config configs/figures_digits.yaml      # discrepancy from the simple gradient
+    python figures.py fig4 --config configs/figures_digits.yaml      # all methods side by side
+    python figures.py fig7 --config configs/figures_digits.yaml      # misclassified samples
     python figures.py fig2 --help                                    # every option
 
 Figure 6 (robustness against the attack budget) is the evaluation's `robustness.png` (`evaluate.py`). The figures'

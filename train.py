@@ -1,5 +1,6 @@
 """Train a classifier: `python train.py fit --config configs/digits.yaml` (see `python train.py fit --help`)."""
 
+from mglightning.checkpointing import TrainingDiverged
 from mglightning.cli import train_main
 
 
@@ -8,4 +9,7 @@ def cli_main(args: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    cli_main()
+    try:
+        cli_main()
+    except TrainingDiverged as error:
+        raise SystemExit(f"error: {error}") from None  # exit status 1, the message without Lightning's traceback

@@ -51,7 +51,7 @@ from mglightning.reporting import bootstrap_interval
 from mglightning.units import scalar_std, to_pixel_units
 
 PAPER_MOREAUGRAD = {"rho": 1.0, "step_size": 0.1}  # normalised units (the official code's defaults)
-NOISE_STD = 0.1  # the official relative noise level: ~0.1 in pixel units, not converted (SPEC 3)
+NOISE_STD = 0.1  # the official relative noise level: ~0.1 in pixel units, not converted (docs/semantics.md section 3)
 
 
 @dataclass

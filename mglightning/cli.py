@@ -2,30 +2,75 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import pytorch_lightning as pl
+from jsonargparse import DefaultHelpFormatter
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import Logger
 
-from mglightning.checkpointing import RunCheckpoint
+from mglightning.checkpointing import DivergenceGuard, RunCheckpoint
+from mglightning.models.weights import read_weights_file
 from mglightning.modules.classifier import ClassifierModule
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (types, defaults) with the description and epilog printed as written, line by line."""
+
+
+DATA_GROUP_TITLE = "The datamodule (`--data <class>`, listed below; `--data.help <class>` lists its settings)"
+
+
+def _configure_help(parser: LightningArgumentParser) -> None:
+    """Help that keeps the examples' lines, and a `--data` heading of our own (not LightningDataModule's docstring)."""
+    parser.formatter_class = _HelpFormatter
+    # The title jsonargparse takes from the base class's docstring breaks off at "The main advantage is:".
+    parser.groups["data"].title = DATA_GROUP_TITLE
+
+
+class _DropLightningTips(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines, which every run printed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+_LIGHTNING_TIPS = _DropLightningTips()
+
+
+def quiet_lightning() -> None:
+    """Silence what every train/evaluate run printed that is no news to its user.
+
+    Lightning's advertising tips (logged through its rank-zero loggers) and the FutureWarning that torch raises
+    when Lightning builds its `LeafSpec` (Lightning's code, nothing a user can change). Other warnings stay.
+    """
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_LIGHTNING_TIPS)  # addFilter does not add the same filter twice
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
 
 
 class TrainCLI(LightningCLI):
     """`python train.py fit --config configs/<name>.yaml`, with the data's shape linked into the model.
 
-    Adds two groups to the usual LightningCLI options: `checkpoint.*` (a `RunCheckpoint`: best by `val/acc` plus
-    `last.ckpt`, in a folder of their own per run, `checkpoints/<experiment>/version_<n>/`, with
-    `checkpoints/<experiment>/last.ckpt` and `best.ckpt` linked to the newest run's) and `test_after_fit`
-    (evaluate the best checkpoint on the test set when `fit` ends).
+    Adds three groups to the usual LightningCLI options: `checkpoint.*` (a `RunCheckpoint`: best by `val/acc`
+    plus `last.ckpt`, in a folder of their own per run, `checkpoints/<experiment>/version_<n>/`, with
+    `checkpoints/<experiment>/last.ckpt` and `best.ckpt` linked to the newest run's), `divergence.*` (a
+    `DivergenceGuard`: stop with `TrainingDiverged` at the first non-finite loss, leaving the links as they were)
+    and `test_after_fit` (evaluate the best checkpoint on the test set when `fit` ends). `--ckpt_path` (resume)
+    is read with `weights_only=True` unless `--weights_only false` is given.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        _configure_help(parser)
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -36,11 +81,34 @@ class TrainCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # Always on: a diverged run stops with an error instead of testing and linking a NaN model.
+        parser.add_lightning_class_args(DivergenceGuard, "divergence")
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="Test the best checkpoint when fit ends."
         )
         for name in ("num_classes", "image_size", "mean", "std"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads `--ckpt_path` twice: its hyperparameters right after this (torch.load with
+        # weights_only=True), then the whole checkpoint in `fit`. Reading it first with the package's one reader
+        # turns an empty, foreign or refused file into an error that says what it holds and what to do.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            read_weights_file(ckpt_path)
+
+    def fit(self, model: pl.LightningModule, **kwargs) -> None:
+        """`trainer.fit`, which LightningCLI calls through this method, reading the resumed checkpoint safely.
+
+        Unless `--weights_only false` is given, `--ckpt_path` is read with weights_only=True whatever torch's
+        default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD say, so that a checkpoint cannot run code (train.py's
+        checkpoints hold only tensors and plain values).
+        """
+        if kwargs.get("weights_only") is None:
+            kwargs["weights_only"] = True
+        self.trainer.fit(model, **kwargs)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -50,7 +118,7 @@ class TrainCLI(LightningCLI):
         best = checkpoint.best_model_path if checkpoint is not None else ""
         last = checkpoint.last_model_path if checkpoint is not None else ""
         if self.config["fit"].get("test_after_fit") and not trainer.fast_dev_run:
-            trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+            trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
         if trainer.is_global_zero:
             print("\n".join(self._summary_lines(best, last)), flush=True)
 
@@ -87,6 +155,7 @@ def _display(path: str | Path) -> str:
 
 def train_main(args: list[str] | None = None) -> TrainCLI:
     """Run the training CLI with `args` (the command line when None); returns the CLI (model, trainer, ...)."""
+    quiet_lightning()
     return TrainCLI(
         ClassifierModule,
         pl.LightningDataModule,
@@ -163,6 +232,7 @@ class EvaluateCLI(LightningCLI):
             help="With --resume: once the new evaluation has been checked, move the folder's run into "
             "<folder>/replaced-<time>/ and evaluate from scratch.",
         )
+        _configure_help(parser)
         parser.epilog = explainer_settings_help() + "\n\n" + evaluation_parts_help()
         # The classifier is built and checked against the data it is evaluated on.
         for name in ("num_classes", "image_size", "in_chans", "mean", "std"):
@@ -202,23 +272,33 @@ def _run_folder(config) -> Path:
 
 
 def explainer_settings_help() -> str:
-    """The registered explainers and their settings with types and defaults, for `evaluate.py --help`."""
+    """The registered explainers and their settings with types and defaults, for `evaluate.py --help`.
+
+    One line per explainer, then its settings as `name: type = default`, wrapped under it (the help is printed
+    as written, so the lines stay).
+    """
     import inspect
 
     from mglightning.explainers import EXPLAINERS
 
-    lines = [
-        "explainers (model.explainers: {label: {class_path: <class>, init_args: {setting: value}}}):"
-    ]
+    lines = ["explainers (model.explainers: {label: {class_path: <class>, init_args: {setting: value}}}):"]
     for cls in EXPLAINERS.values():
         lines.append(f"  {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}  ({cls.name}: {cls.display_name})")
+        settings = []
         for name, parameter in inspect.signature(cls.__init__).parameters.items():
             if name in ("self", "model"):
                 continue
             annotation = parameter.annotation if isinstance(parameter.annotation, str) else getattr(
                 parameter.annotation, "__name__", str(parameter.annotation)
             )
-            lines.append(f"      {name}: {annotation} = {parameter.default!r}")
+            settings.append(f"{name}: {annotation} = {parameter.default!r}")
+        line = ""
+        for setting in settings:  # packed into lines of at most ~100 characters, never split inside a setting
+            if line and len(line) + len(setting) > 92:
+                lines.append(f"      {line.rstrip(', ')}")
+                line = ""
+            line += f"{setting}, "
+        lines.append(f"      {line.rstrip(', ')}")
     return "\n".join(lines)
 
 

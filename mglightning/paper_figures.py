@@ -17,7 +17,7 @@ further.
 
 Figures are `matplotlib.figure.Figure`s on the Agg canvas (no display needed). Example:
 
-    >>> model = load_classifier("checkpoints/mnist5k/last.ckpt")
+    >>> model = load_classifier("checkpoints/digits/last.ckpt")  # python train.py fit --config configs/digits.yaml
     >>> samples = select_samples(model, datamodule.test_dataset, 4)
     >>> by_rho, by_eta = figure2_maps(model, samples, rhos=[0, 0.1, 0.3, 1.0], etas=[0, 0.005, 0.02])
     >>> save_figure(figure2(samples, by_rho, by_eta), "figure2.png")
@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
@@ -149,7 +151,8 @@ class MapRow:
 
 
 def map_rows_figure(rows: Sequence[MapRow], title: str | None = None, cmap: str = "inferno") -> Figure:
-    """Rows of saliency maps, each row an input and its maps (`|map|` summed over channels, scaled to [0, 1]).
+    """Rows of saliency maps, each row an input and its maps (`|map|` summed over channels, scaled to [0, 1]),
+    with a colour bar that reads the maps' scale.
 
     Args:
         rows: the rows; each cell's title is drawn above it (rows may have different columns).
@@ -176,6 +179,13 @@ def map_rows_figure(rows: Sequence[MapRow], title: str | None = None, cmap: str 
             magnitude = normalised_magnitude(attribution.unsqueeze(0))[0]
             axes[r, c].imshow(magnitude.numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             axes[r, c].set_title(cell_title, fontsize=7)
+    # Every map is drawn on the same 0..1 scale, so one colour bar serves them all.
+    colourbar = figure.colorbar(
+        ScalarMappable(norm=Normalize(0, 1), cmap=cmap), ax=axes[:, 1:].ravel().tolist(), shrink=0.6, aspect=30,
+        pad=0.01,
+    )
+    colourbar.set_label("|attribution| (sum over channels) / its maximum", fontsize=7)
+    colourbar.ax.tick_params(labelsize=7)
     if title:
         figure.suptitle(title, fontsize=9)
     return figure

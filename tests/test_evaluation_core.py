@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import evaluate
-import mglightning.evaluation.records as records_module
+import mglightning.evaluation.files as files_module
 from mglightning import load_classifier
 from mglightning.attacks import Attack, AttackResult, TopKInterpretationAttack
 from mglightning.data import DigitsDataModule
@@ -245,7 +245,7 @@ def test_sigterm_keeps_the_finished_batches_and_exits_non_zero_with_the_resume_c
 
 def test_a_full_disk_says_so_leaves_no_temporary_file_and_resume_regenerates_the_grid(checkpoint, tmp_path,
                                                                                         monkeypatch):
-    real = records_module.atomic_write_bytes
+    real = files_module.atomic_write_bytes
     grid_writes, failures = [], []
 
     def full_for_the_grid(path, data):
@@ -273,11 +273,11 @@ def test_a_full_disk_says_so_leaves_no_temporary_file_and_resume_regenerates_the
                 def __exit__(self, *exc):
                     self.handle.close()
 
-            monkeypatch.setattr(records_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+            monkeypatch.setattr(files_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
             try:
                 return real(path, data)
             finally:
-                monkeypatch.delattr(records_module, "open", raising=False)
+                monkeypatch.delattr(files_module, "open", raising=False)
         return real(path, data)
 
     monkeypatch.setattr("mglightning.modules.evaluator.atomic_write_bytes", full_for_the_grid)

@@ -97,5 +97,6 @@ def test_weights_from_a_local_file_round_trip(tmp_path):
     torch.testing.assert_close(loaded(x), source.eval()(x))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_weights(loaded, tmp_path / "missing.pt")
-    with pytest.raises(RuntimeError, match="do not fit this model"):
+    shapes = r"conv1.weight: \(8, 3, 3, 3\) in the file, \(16, 3, 3, 3\) in the model"
+    with pytest.raises(ValueError, match=f"weights.pt.*do not fit the ResNet.*{shapes}"):
         create_model("resnet18", width=16, weights=str(path))

@@ -137,3 +137,21 @@ def test_discrepancy_curves_match_direct_computation(model_and_samples):
         assert value == pytest.approx(float(normalized_distance(maps, gradient).mean()), abs=1e-4)
     low, high = curves.moreaugrad_ci[0]
     assert low <= curves.moreaugrad[0] <= high
+
+
+def test_figure2_has_a_colour_bar_on_the_maps_scale(tmp_path):
+    from mglightning.paper_figures import Samples, figure2
+    from mglightning.reporting import save_figure
+
+    generator = torch.Generator().manual_seed(0)
+    samples = Samples(images=torch.rand(2, 3, 8, 8, generator=generator), labels=torch.tensor([1, 2]),
+                      predictions=torch.tensor([1, 3]), indices=torch.tensor([5, 9]))
+    by_rho = {rho: torch.randn(2, 3, 8, 8, generator=generator) for rho in (0.0, 0.1)}
+    by_eta = {eta: torch.randn(2, 3, 8, 8, generator=generator) for eta in (0.0, 0.01)}
+    figure = figure2(samples, by_rho, by_eta)
+    # The maps' axes hold images; the colour bar is the one axes with a colour scale and no image.
+    colour_bars = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    assert len(colour_bars) == 1
+    assert colour_bars[0].get_ylim() == (0.0, 1.0)
+    assert "|attribution|" in colour_bars[0].get_ylabel()
+    assert save_figure(figure, tmp_path / "figure2.png").is_file()

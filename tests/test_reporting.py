@@ -195,6 +195,33 @@ def test_robustness_figure_with_several_budgets_draws_one_line_per_method():
         assert "budget" in ax.get_xlabel()
 
 
+def test_robustness_axes_end_within_the_metrics_range_and_the_values_stay_readable(rows):
+    for row in rows:  # near the top of the range, where the old axes ran on to 1.25
+        row.topk, row.topk_ci, row.ssim, row.ssim_ci = 0.95, (0.9, 0.99), 0.97, (0.93, 1.0)
+    figure = robustness_figure(rows)
+    renderer = figure.canvas.get_renderer()
+    figure.draw(renderer)  # the layout places the axes and the texts
+    distance, topk, ssim = figure.axes
+    assert topk.get_xlim() == (0.0, 1.0) and ssim.get_xlim() == (0.0, 1.0)
+    assert distance.get_xlim()[1] <= 2.0
+    box = figure.bbox
+    for ax, right_neighbour in ((distance, topk), (topk, ssim), (ssim, None)):
+        for text in ax.texts:
+            extent = text.get_window_extent(renderer)
+            assert box.x0 <= extent.x0 and extent.x1 <= box.x1, f"{text.get_text()!r} is cut off"
+            if right_neighbour is not None:
+                assert extent.x1 <= right_neighbour.get_window_extent(renderer).x0, "a value runs into the next panel"
+
+    several = [_row(i, m, eps, f"@eps={eps:g}") for i, m in enumerate(("simple_gradient", "moreaugrad"))
+               for eps in (0.3, 1.0)]
+    for row in several:
+        row.topk, row.topk_ci, row.ssim, row.ssim_ci = 0.97, (0.93, 1.0), 0.99, (0.97, 1.0)
+    lines = robustness_figure(several)
+    for ax, bound in zip(lines.axes[:3], (2.0, 1.0, 1.0)):
+        low, high = ax.get_ylim()
+        assert 0.0 <= low and high <= bound
+
+
 def test_normalised_magnitude_matches_loop():
     maps = torch.randn(3, 3, 5, 4, generator=torch.Generator().manual_seed(0))
     maps[1] = 0.0

@@ -1,5 +1,6 @@
 """The training CLI as users drive it: `train.py fit --config ...` with overrides, through `cli_main(args)`."""
 
+import os
 import re
 from pathlib import Path
 
@@ -243,3 +244,85 @@ def test_missing_data_folder_fails_before_training(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
         train.cli_main(fast_dev_run_args("cifar10_resnet18.yaml", tmp_path, "--data.init_args.data_dir", str(missing)))
+
+
+# --- a diverged training ---------------------------------------------------------------------------------------
+
+
+def test_a_diverged_training_stops_exits_non_zero_and_leaves_the_links(tmp_path):
+    import subprocess
+    import sys
+
+    train.cli_main(tiny_digits_args(tmp_path, "--test_after_fit", "false"))  # a good run: the links point at it
+    links = {name: (tmp_path / "ckpt" / name).resolve() for name in ("last.ckpt", "best.ckpt")}
+    assert all(target.parent.name == "version_0" for target in links.values())
+
+    root = CONFIGS.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "train.py"), *tiny_digits_args(tmp_path, "--model.lr", "1e6",
+                                                                     "--trainer.max_epochs", "2")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0, result.stdout + result.stderr
+    message = re.search(r"error: Training diverged: .*", result.stderr).group(0)
+    assert re.search(r"the training loss is nan at epoch 0, step \d+", message)
+    assert "learning rate" in message and "model.lr = 1000000.0" in message and "inputs" in message
+    assert "Training finished" not in result.stdout and "Traceback" not in result.stderr
+    assert {name: (tmp_path / "ckpt" / name).resolve() for name in links} == links, "the links were moved"
+    for folder in (tmp_path / "ckpt" / "version_1", tmp_path / "logs" / "digits" / "version_1"):
+        assert "Training diverged" in (folder / "DIVERGED.txt").read_text()
+    assert not list((tmp_path / "ckpt" / "version_1").glob("*.ckpt")), "no checkpoint of the diverged model"
+
+
+def test_divergence_patience_tolerates_that_many_non_finite_steps(tmp_path):
+    from mglightning.checkpointing import TrainingDiverged
+
+    steps = []
+    for patience in (0, 2):
+        with pytest.raises(TrainingDiverged) as error:
+            train.cli_main(tiny_digits_args(tmp_path / str(patience), "--model.lr", "1e6",
+                                            "--trainer.limit_train_batches", "12",
+                                            "--divergence.patience", str(patience)))
+        steps.append(int(re.search(r"step (\d+)", str(error.value)).group(1)))
+    assert steps[1] == steps[0] + 2
+    assert "after 3 non-finite steps in a row" in str(error.value)
+
+
+def test_non_finite_weights_stop_the_run_before_its_checkpoint(tmp_path):
+    import pytorch_lightning as pl
+
+    from mglightning.checkpointing import DivergenceGuard, RunCheckpoint, TrainingDiverged
+    from mglightning.data import DigitsDataModule
+    from mglightning.modules import ClassifierModule
+
+    class Poison(pl.Callback):
+        """NaN weights after the step, with a finite loss: only the guard's check of the weights sees them."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                pl_module.net.fc.weight.fill_(float("nan"))
+
+    data = DigitsDataModule(image_size=16, batch_size=32)
+    module = ClassifierModule(num_classes=10, image_size=16, mean=data.mean, std=data.std,
+                              model_kwargs={"activation": "softplus", "width": 4})
+    checkpoint = RunCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val/acc", mode="max", save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[DivergenceGuard(), Poison(), checkpoint],
+    )
+    with pytest.raises(TrainingDiverged, match=r"weights are no longer finite at the end of epoch 0.*net\.fc\.weight"):
+        trainer.fit(module, datamodule=data)
+    assert not list((tmp_path / "ckpt").rglob("*.ckpt"))
+    assert (tmp_path / "ckpt" / "version_0" / "DIVERGED.txt").is_file()
+
+
+def test_a_run_prints_no_advertising_tips_and_no_leafspec_warning(tmp_path, caplog, recwarn):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        train.cli_main(tiny_digits_args(tmp_path, "--test_after_fit", "false"))
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("GPU available" in message for message in logged)  # Lightning's other messages still come through
+    assert not [message for message in logged if "litlogger" in message or "litmodels" in message]
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]

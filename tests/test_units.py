@@ -1,5 +1,5 @@
-"""Unit conversion of the paper's settings (SPEC 3): a Moreau solve in the model's normalised input space equals
-the pixel-space solve with the converted settings, iterate by iterate, up to the std scaling."""
+"""Unit conversion of the paper's settings (docs/semantics.md section 3): a Moreau solve in the model's normalised
+input space equals the pixel-space solve with the converted settings, iterate by iterate, up to the std scaling."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The L2-bounded top-k interpretation attack (SPEC section 5; Ghorbani et al. 2019, Levine et al. 2019)."""
+"""The L2-bounded top-k interpretation attack (docs/semantics.md section 5; Ghorbani et al. 2019, Levine et al. 2019)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class TopKInterpretationAttack(Attack):
     then reported as not moved).
 
     ``A`` is the map ``explainer.attribute(x', target, seeds=seeds, create_graph=True)``; for the MoreauGrad
-    family that is its differentiable surrogate map (SPEC 3). ``K`` and every ``D`` come from the same map that
+    family that is its differentiable surrogate map (docs/semantics.md section 3). ``K`` and every ``D`` come from the same map that
     is differentiated. A method without ``create_graph`` support (``supports_create_graph = False``) is attacked
     through its declared ``explainer.surrogate``; ``surrogate="simple_gradient"`` attacks every method through
     the simple gradient of the same model and score. :attr:`surrogate_name` says which was used (``"self"`` or

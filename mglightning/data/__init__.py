@@ -1,4 +1,4 @@
-"""LightningDataModules: every image in [0, 1], normalisation left to the model's first layer (SPEC 1).
+"""LightningDataModules: images in [0, 1], normalisation left to the model's first layer (docs/semantics.md section 1).
 
 `num_classes`, `image_size`, `in_chans`, `mean` and `std` are set by `__init__`, so the CLI can link them into
 the model before any data is read. `batch_size` is global: each device loads `batch_size // world_size`.
@@ -15,6 +15,7 @@ from mglightning.data.base import (
 from mglightning.data.cifar10 import CIFAR10DataModule
 from mglightning.data.digits import DigitsDataModule
 from mglightning.data.imagenet import ImageNetDataModule
+from mglightning.data.photo_patches import PhotoPatchesDataModule
 from mglightning.data.synthetic import SyntheticDataModule
 from mglightning.data.tinyimagenet import TinyImageNetDataModule
 
@@ -25,6 +26,7 @@ __all__ = [
     "ImageFileDataset",
     "ImageNetDataModule",
     "InMemoryImageDataModule",
+    "PhotoPatchesDataModule",
     "SyntheticDataModule",
     "TensorImageDataset",
     "TinyImageNetDataModule",

@@ -19,8 +19,8 @@ from mglightning.evaluation.measure import (
     method_rows,
     metric_columns,
 )
+from mglightning.evaluation.files import OutOfSpaceError
 from mglightning.evaluation.records import (
-    OutOfSpaceError,
     Record,
     RecordWriter,
     read_records,

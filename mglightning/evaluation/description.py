@@ -13,6 +13,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mglightning.evaluation.files import atomic_write_bytes
+
 __all__ = ["AttackSpec", "ExplainerSpec", "MetricSpec", "RowSpec", "RunDescription", "RunDescriptionError"]
 
 # Fields that describe how a run is reported, not what it measured: they may change between a run and its resume.
@@ -146,8 +148,6 @@ class RunDescription:
 
     def save(self, run_dir: str | Path) -> Path:
         """Write `<run_dir>/run.json` atomically (with the fingerprint, for readers)."""
-        from mglightning.evaluation.records import atomic_write_bytes
-
         path = Path(run_dir) / "run.json"
         text = json.dumps({**self.to_dict(), "fingerprint": self.fingerprint}, indent=2) + "\n"
         atomic_write_bytes(path, text.encode("utf-8"))

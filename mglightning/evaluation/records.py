@@ -13,7 +13,6 @@ name and then renamed, so a killed run loses at most the batch in flight and nev
 
 from __future__ import annotations
 
-import errno
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -23,6 +22,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from mglightning.evaluation.description import RunDescription
+from mglightning.evaluation.files import OutOfSpaceError, atomic_write_bytes
 
 __all__ = [
     "OutOfSpaceError",
@@ -102,40 +104,6 @@ def record_schema(metric_columns: Sequence[str]) -> pa.Schema:
     )
 
 
-class OutOfSpaceError(OSError):
-    """The disk holding the run folder is full: what was being written is named, nothing half-written is left."""
-
-
-def raise_if_out_of_space(error: BaseException, path: Path) -> None:
-    """Re-raise `error` as an `OutOfSpaceError` that names the folder, when it is a full disk."""
-    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if full or "No space left on device" in str(error):
-        raise OutOfSpaceError(
-            errno.ENOSPC,
-            f"No space left on the device of {path.parent} while writing {path.name} (check with `df -h "
-            f"{path.parent}`). Nothing half-written was left and the finished batches are kept: free some space "
-            "and run the same command with --resume <run folder> to continue.",
-        ) from error
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename; a failure (a
-    full disk, a killed process) leaves the previous file or none, and never the temporary one."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        raise_if_out_of_space(error, path)
-        raise
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
 class RecordWriter:
     """Appends record batches of one rank to `<run_dir>/records/`, one atomically written Parquet file each.
 
@@ -184,8 +152,6 @@ def read_records(run_dir: str | Path, metric_columns: Sequence[str] | None = Non
 
     run_dir = Path(run_dir)
     if metric_columns is None:
-        from mglightning.evaluation.description import RunDescription
-
         metric_columns = RunDescription.load(run_dir).metric_columns
     schema = record_schema(metric_columns)
     files = sorted((run_dir / "records").glob("*.parquet"))

@@ -1,4 +1,4 @@
-"""MoreauGrad, Sparse MoreauGrad and Group-Sparse MoreauGrad (paper sections 4-5, Algorithm 1; SPEC 3).
+"""MoreauGrad, Sparse MoreauGrad and Group-Sparse MoreauGrad (paper sections 4-5, Algorithm 1; docs/semantics.md section 3).
 
 All three solve, for every sample at once,
 
@@ -34,7 +34,7 @@ from mglightning.explainers.prox import check_group_size, group_soft_threshold, 
 def moreau_surrogate(
     model: nn.Module, inputs: Tensor, displacement: Tensor, target: int | Tensor, score: str = "logit"
 ) -> Tensor:
-    """The differentiable stand-in for a MoreauGrad map that the interpretation attack uses (SPEC 3).
+    """The differentiable stand-in for a MoreauGrad map that the interpretation attack uses (docs/semantics.md section 3).
 
     `1[d != 0] * |grad f_c(x + d)|` with the graph to `inputs` kept, for a displacement `d = z* - x` that was
     solved without a graph and is held fixed here (as in the official code). `attribute(..., create_graph=True)`

@@ -3,9 +3,10 @@
 from mglightning.models import resnet as _resnet  # noqa: F401  (registers the builders)
 from mglightning.models.layers import Normalize, make_activation
 from mglightning.models.loading import ClassifierSource, ImageClassifier, build_classifier
-from mglightning.models.registry import create_model, list_models, load_weights, register_model
+from mglightning.models.registry import classifier_network, create_model, list_models, load_weights, register_model
 from mglightning.models.resnet import ResNet, resnet18
 from mglightning.models.timm_models import TimmClassifier
+from mglightning.models.weights import read_state_dict, read_weights_file
 
 __all__ = [
     "ClassifierSource",
@@ -14,10 +15,13 @@ __all__ = [
     "ResNet",
     "TimmClassifier",
     "build_classifier",
+    "classifier_network",
     "create_model",
     "list_models",
     "load_weights",
     "make_activation",
+    "read_state_dict",
+    "read_weights_file",
     "register_model",
     "resnet18",
 ]

@@ -9,16 +9,16 @@ A `ClassifierSource` names exactly one of:
   time) or a plain state dict file as `weights`;
 - `module`: any `nn.Module` (in YAML by `class_path`/`init_args`), with optional `weights`.
 
-`build_classifier` loads it, puts the normalisation first (SPEC 1: the model takes [0, 1] pixels) and checks
-it against the data before any run: the output size against `num_classes` (or a `class_subset` mapping), the
-input size with a zero probe, and ReLU-type activations, under which the top-k attack has no gradient (SPEC 5).
+`build_classifier` loads it, puts the normalisation first (the model takes [0, 1] pixels, docs/semantics.md
+section 1) and checks it against the data before any run: the output size against `num_classes` (or a
+`class_subset` mapping), the input size with a zero probe, and ReLU-type activations, under which the top-k attack
+has no gradient (docs/semantics.md section 5).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import pickle
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +29,20 @@ import torch
 from torch import Tensor, nn
 
 from mglightning.models.layers import Normalize
-from mglightning.models.registry import TIMM_PREFIX, create_model
+from mglightning.models.registry import TIMM_PREFIX, classifier_network, create_model
+from mglightning.models.weights import (
+    fit_state_dict,
+    is_train_checkpoint,
+    read_state_dict,
+    read_weights_file,
+    state_dict_of,
+)
 
 if TYPE_CHECKING:
     from timm.models import PretrainedCfg
 
 # Piecewise-linear activations: a network built from them has a piecewise-constant input gradient, whose input
-# derivative (what the top-k attack follows, SPEC 5) is zero almost everywhere.
+# derivative (what the top-k attack follows, docs/semantics.md section 5) is zero almost everywhere.
 RELU_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh)
 
 # ClassifierSource holds these itself, so `model_kwargs` may not set them a second time.
@@ -68,14 +75,17 @@ class ClassifierSource:
         pretrained: with a timm `arch`, load timm's pretrained weights: from `weights` when given, else from the
             local Hugging Face cache (`$HF_HOME/hub`) or timm's older cache (`$TORCH_HOME/hub/checkpoints`).
             Nothing is downloaded; a missing file is an error that says where it was expected and how to fetch it.
-        weights: a weights file (`.safetensors`, or a `torch.save` file, read with `weights_only=True`). With
+        weights: a weights file (`.safetensors`, or a `torch.save` file, read with `weights_only=True` by
+            `mglightning.models.read_weights_file`, so that it cannot run code). With
             `pretrained`: timm's weight file for the model. Otherwise: the state dict of the model that `arch`
             with `model_kwargs` (or `module`) builds, e.g. written by `torch.save(model.state_dict(), path)`.
         model_kwargs: further settings of `arch`'s builder (`mglightning.models.create_model` or
             `timm.create_model`), e.g. `{width: 16, activation: softplus}`. `num_classes` defaults to the data's
             (for timm's pretrained weights: their head's), `image_size` and `in_chans` to the data's.
-        mean, std: the normalisation of the model's first layer. Default: the normalisation stored with the model
-            (a checkpoint, a state dict that holds one, timm's pretrained configuration), else the data's.
+        mean: the per-channel mean of the model's first layer, the normalisation. Default: the normalisation
+            stored with the model (a checkpoint, a state dict that holds one, timm's pretrained configuration),
+            else the data's.
+        std: the per-channel standard deviation of that normalisation (given with `mean`, or neither).
         normalize: False for a model that normalises its input itself: it then gets the [0, 1] pixels unchanged.
         class_subset: for a model with more outputs than the data has classes: the model's output index of each
             of the data's classes, in the data's class order (e.g. the ImageNet indices of a 10-class subset).
@@ -196,7 +206,7 @@ def build_classifier(
     Checks before any run, each a `ValueError` naming the setting to change: a zero probe of
     `(1, in_chans, image_size, image_size)` must give `(1, num_classes)` scores (or `class_subset` must fit the
     outputs); a model with ReLU-type activations gets a warning (the top-k attack needs a differentiable
-    gradient map, SPEC 5). Checks whose data setting is None are skipped.
+    gradient map, docs/semantics.md section 5). Checks whose data setting is None are skipped.
 
     Args:
         source: a `ClassifierSource`, or the path of a `train.py` checkpoint.
@@ -319,71 +329,55 @@ def _close(a: Stats, b: Stats) -> bool:
     )
 
 
-def _read_weights_file(path: Path) -> Any:
-    """The contents of a `.safetensors` or `torch.save` file; `torch.load` runs with `weights_only=True`."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        # weights_only: tensors and plain Python values only, so that reading a file cannot run code from it.
-        # train.py's checkpoints (hyperparameters included) are read this way.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise ValueError(f"Could not read {str(path)!r} as a PyTorch or safetensors file: {error}") from error
-        raise ValueError(
-            f"{str(path)!r} holds Python objects besides tensors and plain values, and mglightning reads weight "
-            "files with torch.load(weights_only=True) so that a file cannot run code. Save the state dict alone "
-            "(`torch.save(model.state_dict(), path)`), or, for a file you trust, allow its types first with "
-            f"torch.serialization.add_safe_globals([...]). PyTorch says: {error}"
-        ) from error
-    except Exception as error:  # corrupt or foreign files fail in many ways (RuntimeError, EOFError, OSError, ...)
-        raise ValueError(f"Could not read {str(path)!r} as a PyTorch or safetensors file: {error}") from error
-
-
 def _load_checkpoint(path: Path) -> nn.Module:
-    """The trained network of a `train.py` (`ClassifierModule`) checkpoint."""
+    """The trained network of a `train.py` (`ClassifierModule`) checkpoint.
+
+    Rebuilt from the checkpoint's hyperparameters with `classifier_network`, the function `ClassifierModule`
+    builds its network with, so no LightningModule is needed (and this layer does not import one).
+    """
     if not path.is_file():
         raise FileNotFoundError(
             f"Checkpoint {str(path)!r} does not exist. Train one with "
             "`python train.py fit --config configs/<name>.yaml` "
             "(checkpoints are written under checkpoints/<experiment>/)."
         )
-    checkpoint = _read_weights_file(path)
-    hyperparameters = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    if "arch" not in hyperparameters or "state_dict" not in checkpoint:
+    checkpoint = read_weights_file(path)
+    if not is_train_checkpoint(checkpoint):
+        found = sorted(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(
-            f"{str(path)!r} is not a mglightning classifier checkpoint (no architecture in its hyperparameters); "
-            "pass a checkpoint written by `python train.py fit`, or give a plain state dict as the classifier's "
-            "`weights` together with its `arch` (or `module`)."
+            f"{str(path)!r} is not a mglightning classifier checkpoint: a train.py checkpoint holds `state_dict` "
+            f"and `hyper_parameters` with the architecture (`arch`), this file holds {found}. Pass a checkpoint "
+            "written by `python train.py fit`, or give a plain state dict as the classifier's `weights` together "
+            "with its `arch` (or `module`)."
         )
-    # Imported here: mglightning.modules imports mglightning.models, which exports this module.
-    from mglightning.modules.classifier import ClassifierModule
-
-    # Rebuild from the dictionary already in memory rather than reading the file a second time.
-    settings = {name: value for name, value in hyperparameters.items() if not name.startswith("_")}
-    module = ClassifierModule(**settings)
-    module.load_state_dict(checkpoint["state_dict"])
-    return module.net
+    hyperparameters = checkpoint["hyper_parameters"]
+    settings = ("arch", "num_classes", "image_size", "mean", "std")
+    absent = [name for name in settings if name not in hyperparameters]
+    if absent:
+        raise ValueError(
+            f"The train.py checkpoint {str(path)!r} lacks the hyperparameters {absent} that rebuild its network; "
+            "it was not written by this version of train.py."
+        )
+    net = classifier_network(
+        **{name: hyperparameters[name] for name in settings}, model_kwargs=hyperparameters.get("model_kwargs")
+    )
+    fit_state_dict(
+        net, state_dict_of(checkpoint, path), path,
+        hint=f"The checkpoint's hyperparameters (arch={hyperparameters['arch']!r}, "
+        f"model_kwargs={hyperparameters.get('model_kwargs')}) do not describe its own weights; it was changed "
+        "after train.py wrote it.",
+    )
+    return net
 
 
 def _load_state_dict(net: nn.Module, path: Path) -> Stats | None:
-    """Load a plain state dict file into `net`; return the normalisation it holds for `net`'s `Normalize` layer.
+    """Load a weights file into `net`; return the normalisation it holds for `net`'s `Normalize` layer.
 
-    A state dict without the `Normalize` layer's entries (a network trained elsewhere) loads too: that layer
-    then gets its values from the classifier's or the data's `mean`/`std`.
+    The file is a plain state dict, a `.safetensors` file or a `train.py` checkpoint (`read_state_dict`). A
+    state dict without the `Normalize` layer's entries (a network trained elsewhere) loads too: that layer then
+    gets its values from the classifier's or the data's `mean`/`std`.
     """
-    state = _read_weights_file(path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
-        raise ValueError(
-            f"{str(path)!r} is not a state dict (a mapping of names to tensors); save one with "
-            "`torch.save(model.state_dict(), path)`."
-        )
+    state = read_state_dict(path)
     stored = None
     name, layer = _first_normalize(net)
     if layer is not None:
@@ -392,13 +386,11 @@ def _load_state_dict(net: nn.Module, path: Path) -> Stats | None:
             stored = _as_stats(state[keys[0]].flatten().tolist(), state[keys[1]].flatten().tolist())
         else:
             state = {**dict(zip(keys, (layer.mean, layer.std))), **state}
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(
-            f"The weights in {str(path)!r} do not fit the {type(net).__name__} built for them (for a train.py "
-            f"checkpoint use the classifier's `checkpoint`; otherwise check `arch` and `model_kwargs`): {error}"
-        ) from error
+    fit_state_dict(
+        net, state, path,
+        hint="For a train.py checkpoint use the classifier's `checkpoint`; otherwise check `arch` and "
+        "`model_kwargs` (or the `module`) against the model the weights were saved from.",
+    )
     return stored
 
 
@@ -445,12 +437,16 @@ def _build_timm(
     # Pretrained: the head is part of the weights, so num_classes stays timm's unless model_kwargs change it.
     config = _pretrained_config(name)
     path = Path(source.weights) if source.weights is not None else _cached_timm_weights(name, config)
-    if not path.is_file():
-        raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
+    if config.custom_load:
+        # A few models (e.g. ViTs from .npz files) read their file with their own loader, which takes no pickles.
+        overlay = {"file": str(path)}
+    else:
+        # The state dict, read here as every weights file is (it cannot run code), makes timm adapt it (head,
+        # input channels) without going to the hub or opening the file itself.
+        overlay = {"state_dict": read_state_dict(path)}
     try:
-        # A file in the pretrained configuration makes timm load it instead of going to the hub.
-        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-    except Exception as error:  # unreadable or mismatched files fail in many ways inside timm
+        net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except Exception as error:  # mismatched weights fail in many ways inside timm
         raise ValueError(f"Could not load timm's weights for {name!r} from {str(path)!r}: {error}") from error
     return net, _as_stats(config.mean, config.std)
 
@@ -565,8 +561,8 @@ def _warn_if_piecewise_linear(net: nn.Module, description: str) -> None:
         warnings.warn(
             f"{description} has {len(found)} ReLU-type activations (e.g. {', '.join(found[:3])}): its gradient map "
             "is piecewise constant in the input, so the top-k interpretation attack, which differentiates the map "
-            "(SPEC 5), gets no gradient and cannot move it. Explain a smooth network to attack it, e.g. the "
-            "softplus ResNet-18 (`arch: resnet18` with `model_kwargs: {activation: softplus}`, trained by "
-            "train.py), or replace the ReLUs of your module with `nn.Softplus(beta)`.",
+            "(docs/semantics.md section 5), gets no gradient and cannot move it. Explain a smooth network to "
+            "attack it, e.g. the softplus ResNet-18 (`arch: resnet18` with `model_kwargs: {activation: softplus}`, "
+            "trained by train.py), or replace the ReLUs of your module with `nn.Softplus(beta)`.",
             stacklevel=3,
         )

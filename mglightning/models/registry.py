@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-import torch
 from torch import nn
+
+from mglightning.models.weights import fit_state_dict, read_state_dict
 
 _MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -33,8 +34,9 @@ def create_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Modul
     Args:
         name: a registered name (see `list_models()`), or `timm/<model>` for any timm model
             (e.g. `timm/efficientnet_b0`).
-        weights: optional path to a local file with the model's weights: a plain state dict, or a
-            Lightning checkpoint of `ClassifierModule` (its `net.` entries are used).
+        weights: optional path to a local file with the model's weights: a plain state dict (`torch.save`), a
+            `.safetensors` file or a `train.py` checkpoint (its network's entries are used); read without
+            running code (`mglightning.models.read_weights_file`).
         **kwargs: the builder's settings (`num_classes`, `image_size`, `mean`, `std`, ...).
 
     Example:
@@ -57,15 +59,39 @@ def create_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Modul
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights from a local state-dict file or a `ClassifierModule` checkpoint into `model`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Weights file {str(path)!r} does not exist.")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = {k[len("net."):]: v for k, v in state["state_dict"].items() if k.startswith("net.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise RuntimeError(f"The weights in {str(path)!r} do not fit this model: {error}") from error
+    """Load the weights in `path` into `model` (strictly) and return it.
+
+    `path` is a plain state dict (`torch.save(model.state_dict(), path)`), a `.safetensors` file or a
+    `train.py` checkpoint (its network's entries), read by `read_weights_file`, so the file cannot run code.
+    Weights that do not fit are a `ValueError` naming the file and the tensors that differ.
+    """
+    fit_state_dict(
+        model, read_state_dict(path), path,
+        hint="Build the model with the settings the weights were saved with (architecture, width, num_classes, ...).",
+    )
     return model
+
+
+def classifier_network(
+    arch: str,
+    *,
+    num_classes: int,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    model_kwargs: dict | None = None,
+) -> nn.Module:
+    """The network that `ClassifierModule` trains, from its hyperparameters of the same names.
+
+    `ClassifierModule` builds its network with it, and `build_classifier` rebuilds the network of a `train.py`
+    checkpoint with it from the checkpoint's hyperparameters, so the two cannot disagree.
+    """
+    return create_model(
+        arch,
+        num_classes=num_classes,
+        image_size=image_size,
+        in_chans=len(mean),
+        mean=tuple(mean),
+        std=tuple(std),
+        **(model_kwargs or {}),
+    )

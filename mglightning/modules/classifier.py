@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from mglightning.models import create_model
+from mglightning.models import classifier_network
 from mglightning.models.loading import ClassifierSource, build_classifier
+from mglightning.models.weights import state_dict_mismatch
 from mglightning.modules.adversarial import AdversarialTraining
 
 
@@ -31,7 +32,8 @@ class ClassifierModule(pl.LightningModule):
         arch: registered model name (`resnet18`) or `timm/<name>`.
         num_classes: output classes (linked from the datamodule by the CLI).
         image_size: input height/width (linked from the datamodule).
-        mean, std: the data's per-channel statistics for the model's normalisation layer (linked).
+        mean: the data's per-channel mean, for the model's normalisation layer (linked from the datamodule).
+        std: the data's per-channel standard deviation, for the same layer (linked from the datamodule).
         model_kwargs: further settings of the model builder, e.g. `{activation: softplus, beta: 1.0, width: 64}`.
         optimizer: `sgd` (momentum, the paper's) or `adamw`.
         lr: initial learning rate.
@@ -81,14 +83,8 @@ class ClassifierModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["adversarial"])
         # Stored as a plain dict, so checkpoints stay readable with torch.load(weights_only=True).
         self.hparams["adversarial"] = dataclasses.asdict(adversarial)
-        self.net = create_model(
-            arch,
-            num_classes=num_classes,
-            image_size=image_size,
-            in_chans=len(mean),
-            mean=tuple(mean),
-            std=tuple(std),
-            **(model_kwargs or {}),
+        self.net = classifier_network(
+            arch, num_classes=num_classes, image_size=image_size, mean=mean, std=std, model_kwargs=model_kwargs
         )
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.train_clean_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -140,6 +136,28 @@ class ClassifierModule(pl.LightningModule):
         self.log("test/loss", loss, on_epoch=True, sync_dist=True)
         self.log("test/acc", self.test_acc, on_epoch=True)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads the weights right after this hook, strictly; a checkpoint of another architecture or
+        # width (`--ckpt_path` with other settings) would fail there as a bare "Error(s) in loading state_dict
+        # for ClassifierModule" naming neither the file nor the settings.
+        problems = state_dict_mismatch(self, checkpoint.get("state_dict", {}))
+        if problems is None:
+            return
+        # The file's name, where a trainer reads it (fit/test with ckpt_path; not load_from_checkpoint's call).
+        path = self._trainer.ckpt_path if self._trainer is not None else None
+        stored = checkpoint.get("hyper_parameters", {})
+        differences = [
+            f"{name}={stored[name]!r} in the checkpoint, {self.hparams[name]!r} in this run"
+            for name in self.hparams
+            if name in stored and not name.startswith("_") and _as_lists(stored[name]) != _as_lists(self.hparams[name])
+        ]
+        raise ValueError(
+            f"The checkpoint{f' {str(path)!r}' if path else ''} does not fit the model of this run: {problems}."
+            + (f" Its settings differ: {'; '.join(differences)}." if differences else "")
+            + " Resume with the settings it was trained with (the config.yaml in its run's log folder), or drop "
+            "--ckpt_path to train from scratch."
+        )
+
     def configure_optimizers(self):
         hp = self.hparams
         if hp.optimizer == "sgd":
@@ -160,6 +178,15 @@ class ClassifierModule(pl.LightningModule):
         else:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(hp.milestones), gamma=hp.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def _as_lists(value: Any) -> Any:
+    """`value` with tuples as lists: a checkpoint's (0.5, 0.5) and a config's [0.5, 0.5] are the same setting."""
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _as_lists(item) for key, item in value.items()}
+    return value
 
 
 def load_classifier(

@@ -38,7 +38,8 @@ from mglightning.evaluation.measure import (
     method_rows,
     metric_columns,
 )
-from mglightning.evaluation.records import RecordWriter, atomic_write_bytes, read_records, recorded_indices
+from mglightning.evaluation.files import atomic_write_bytes
+from mglightning.evaluation.records import RecordWriter, read_records, recorded_indices
 from mglightning.evaluation.run_folder import RunFolderBusyError, RunLock, move_aside
 from mglightning.explainers.base import Explainer
 from mglightning.models.loading import ClassifierSource, build_classifier

@@ -1,0 +1,45 @@
+"""Writing into a run folder: whole files or none, and a full disk named as such."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+__all__ = ["OutOfSpaceError", "atomic_write_bytes", "raise_if_out_of_space"]
+
+
+class OutOfSpaceError(OSError):
+    """The disk holding the run folder is full: what was being written is named, nothing half-written is left."""
+
+
+def raise_if_out_of_space(error: BaseException, path: Path) -> None:
+    """Re-raise `error` as an `OutOfSpaceError` that names the folder, when it is a full disk."""
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or "No space left on device" in str(error):
+        raise OutOfSpaceError(
+            errno.ENOSPC,
+            f"No space left on the device of {path.parent} while writing {path.name} (check with `df -h "
+            f"{path.parent}`). Nothing half-written was left and the finished batches are kept: free some space "
+            "and run the same command with --resume <run folder> to continue.",
+        ) from error
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename; a failure (a
+    full disk, a killed process) leaves the previous file or none, and never the temporary one."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        raise_if_out_of_space(error, path)
+        raise
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
