@@ -53,7 +53,8 @@ class MetricSpec:
 
     `columns` maps each record column to `higher_is_better` (None: no direction); `needs_attack` is False for
     metrics of the clean map alone; `bounds` are the metric's plotting bounds (torchmetrics' `plot_lower_bound`
-    and `plot_upper_bound`, None where it has none).
+    and `plot_upper_bound`, None where it has none); a row whose mean lies above `flag_above` is flagged with
+    `flag_message` (e.g. the sanity check's "maps do not depend on the model").
     """
 
     label: str
@@ -63,6 +64,8 @@ class MetricSpec:
     needs_attack: bool
     interval: bool
     bounds: tuple[float | None, float | None] = (None, None)
+    flag_above: float | None = None
+    flag_message: str | None = None
 
 
 @dataclass(frozen=True)

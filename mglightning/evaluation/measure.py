@@ -34,6 +34,7 @@ from mglightning.metrics import MapBatch, NormalizedDistance, SaliencySSIM, Samp
 __all__ = [
     "AttackFactory",
     "BatchMeasurement",
+    "build_attack",
     "GridSample",
     "default_attacks",
     "default_metrics",
@@ -74,6 +75,17 @@ def metric_columns(metrics: Mapping[str, SampleMetric]) -> dict[str, tuple[str, 
                 raise ValueError(f"metrics[{label!r}]: its column {name!r} clashes with {clash}; rename the metric.")
             columns[name] = (label, output)
     return columns
+
+
+def build_attack(factory: AttackFactory, explainer: Explainer, epsilon: float, warm_start: bool = False) -> Attack:
+    """`factory(explainer, epsilon)`, with the evaluation's `warm_start` switched on in an attack that has one
+    (the top-k attack warm-starts each step's solve from the previous one)."""
+    attack = factory(explainer, epsilon)
+    if not isinstance(attack, Attack):
+        raise ValueError(f"the attack factory built a {type(attack).__name__}, not an mglightning.attacks.Attack.")
+    if warm_start and hasattr(attack, "warm_start"):
+        attack.warm_start = True
+    return attack
 
 
 def method_rows(explainer_labels: Sequence[str], epsilons: Sequence[float]) -> list[tuple[str, str, float]]:
@@ -166,8 +178,9 @@ def measure_batch(
         metrics: `{label: SampleMetric}` (default: distance, top-k, SSIM, sparsity). Not updated here.
         seed: the global seed of every noise draw.
         target: explain the model's `prediction` or the dataset `label`.
-        warm_start: start the attack's solves from the clean map's solution, and the attacked map's from the
-            attack's (explainers with a solver only).
+        warm_start: start the attack's solves from the clean map's solution, each attack step's from the
+            previous one (attacks with a `warm_start` setting) and the attacked map's from the attack's
+            (explainers with a solver only).
         convexity_iterations: power iterations of the local weak-convexity estimate of MoreauGrad-family rows
             (0: not computed).
         grid_samples: keep the maps of samples with dataset index below this for the saliency grid.
@@ -241,7 +254,9 @@ def measure_batch(
             for attack_label, factory in attacks.items():
                 if progress is not None:
                     progress(f"{label}: {attack_label} attack at ε={eps:g}")
-                attack = (built_attacks or {}).get((label, eps, attack_label)) or factory(explainer, eps)
+                attack = (built_attacks or {}).get((label, eps, attack_label)) or build_attack(
+                    factory, explainer, eps, warm_start
+                )
                 if not attack.applies:
                     continue
                 started = _clock(images)

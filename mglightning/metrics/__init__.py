@@ -4,7 +4,8 @@ Metric classes (``SampleMetric``, a ``torchmetrics.Metric`` with sum/count state
 ``measure(MapBatch)`` gives the per-sample values an evaluation records):
 ``NormalizedDistance``, ``TopKIntersection``, ``SaliencySSIM`` (``update(original, attacked)``) and
 ``Sparsity`` (``update(maps)``). Per-sample functional forms live in :mod:`mglightning.metrics.functional`.
-Fidelity of a map to its model: ``DeletionInsertionAUC`` and the per-sample ``deletion_insertion_auc`` /
+The sanity check (model-parameter randomisation): ``ModelRandomisation``, ``randomised_copy``,
+``spearman_correlation`` (:mod:`mglightning.metrics.sanity`). Fidelity of a map to its model: ``DeletionInsertionAUC`` and the per-sample ``deletion_insertion_auc`` /
 ``deletion_insertion_curves`` (:mod:`mglightning.metrics.fidelity`).
 """
 
@@ -25,12 +26,14 @@ from mglightning.metrics.functional import (
     zero_fraction,
 )
 from mglightning.metrics.robustness import NormalizedDistance, SaliencySSIM, TopKIntersection
+from mglightning.metrics.sanity import ModelRandomisation, randomised_copy, spearman_correlation
 from mglightning.metrics.sparsity import Sparsity
 
 __all__ = [
     "DeletionInsertionAUC",
     "DeletionInsertionCurves",
     "MapBatch",
+    "ModelRandomisation",
     "NormalizedDistance",
     "SaliencySSIM",
     "SampleMetric",
@@ -40,7 +43,9 @@ __all__ = [
     "deletion_insertion_curves",
     "gini_index",
     "normalized_distance",
+    "randomised_copy",
     "saliency_ssim",
+    "spearman_correlation",
     "topk_count",
     "topk_intersection",
     "topk_mask",

@@ -62,6 +62,8 @@ class SampleMetric(Metric):
             map alone (sparsity, fidelity) are measured once per method and copied to every attack and budget.
         interval: whether the results table shows a bootstrap interval for it (every value gets one in
             `results.json`).
+        flag_message: with an instance attribute `flag_above`, the warning (formatted with `value`) for a method
+            whose mean lies above it, e.g. the sanity check's.
 
     Args:
         **kwargs: passed to `torchmetrics.Metric` (e.g. `sync_on_compute`).
@@ -72,6 +74,7 @@ class SampleMetric(Metric):
     outputs: ClassVar[dict[str, bool | None]]
     needs_attack: ClassVar[bool] = True
     interval: ClassVar[bool] = True
+    flag_message: ClassVar[str | None] = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -32,6 +32,7 @@ from mglightning.evaluation.description import (
 from mglightning.evaluation.measure import (
     AttackFactory,
     GridSample,
+    build_attack,
     default_attacks,
     default_metrics,
     measure_batch,
@@ -95,8 +96,9 @@ class ExplanationEvaluator(pl.LightningModule):
         seed: global seed of every noise draw and of the bootstrap.
         grid_samples: samples shown in the saliency grid (the first dataset indices).
         bootstrap_samples: resamples of the bootstrap intervals.
-        warm_start: start every MoreauGrad solve of the attack from the previous step's solution, and the attacked
-            map from the last attack iterate's (the fast preset, with `tol` in the explainers); default cold starts.
+        warm_start: start every MoreauGrad solve of the attack from the previous step's solution (it switches on
+            the attacks' own `warm_start`), and the attacked map from the last attack iterate's (the fast preset,
+            with `tol` in the explainers); default cold starts.
         convexity_iterations: with `n > 0`, estimate per sample the weak convexity `lambda` of the explained score
             by `n` power iterations on Hessian-vector products, and record for each MoreauGrad-family row whether
             `rho < 1 / lambda` (results column `convex share`) and Corollary 1's bound. 0 (default) skips it.
@@ -190,7 +192,9 @@ class ExplanationEvaluator(pl.LightningModule):
         for _, label, eps in self.rows:
             for attack_label, factory in self.attack_factories.items():
                 try:
-                    self.attacks[(label, eps, attack_label)] = factory(self.explainers[label], eps)
+                    self.attacks[(label, eps, attack_label)] = build_attack(
+                        factory, self.explainers[label], eps, self.warm_start
+                    )
                 except (TypeError, ValueError) as error:
                     raise ValueError(f"attacks[{attack_label!r}] on explainers[{label!r}] at ε={eps:g}: {error}") from None
         # The device-aggregated mean of every metric, per results row and attack (torchmetrics states, synced).
@@ -301,6 +305,7 @@ class ExplanationEvaluator(pl.LightningModule):
                          if owner == label},
                 needs_attack=metric.needs_attack, interval=metric.interval,
                 bounds=(getattr(metric, "plot_lower_bound", None), getattr(metric, "plot_upper_bound", None)),
+                flag_above=getattr(metric, "flag_above", None), flag_message=getattr(metric, "flag_message", None),
             )
             for label, metric in self.metrics.items()
         )

@@ -21,6 +21,7 @@ from mglightning.reporting.results import (
     ResultRow,
     compare_paired,
     format_comparisons,
+    format_flags,
     format_number,
     format_results_table,
     summarise_records,
@@ -74,6 +75,8 @@ def report(
                     "local weak-convexity estimate): the Moreau problem is likely non-convex there and Theorem 1's "
                     "robustness guarantee does not apply; try a smaller rho (a local estimate, not a certificate)."
                 )
+        if any(row.flags for row in rows):
+            print(format_flags(rows))
         if description.note:
             print("Note: " + description.note)
         if comparisons:

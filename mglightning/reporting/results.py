@@ -30,6 +30,7 @@ __all__ = [
     "bootstrap_interval",
     "compare_paired",
     "format_comparisons",
+    "format_flags",
     "format_number",
     "format_results_table",
     "run_header_markdown",
@@ -40,7 +41,7 @@ __all__ = [
 # Table titles of the built-in columns; any other column is titled by its name, with its direction's arrow.
 _TITLES = {
     "distance": "distance", "topk": "top-k", "ssim": "SSIM", "gini": "Gini", "zero_fraction": "zero share",
-    "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC",
+    "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC", "sanity": "sanity ρ",
 }
 
 
@@ -60,6 +61,8 @@ class ResultRow:
         intervals: the 95% bootstrap interval of the mean of every metric column (`bootstrap_interval`).
         directions: `{metric column: higher_is_better}` (None: no direction).
         shown_intervals: the metric columns whose interval the table shows.
+        flags: `{metric column: warning}` where the row's mean lies above the metric's `flag_above` (the sanity
+            check's "maps do not depend on the model").
     """
 
     method: str
@@ -77,6 +80,7 @@ class ResultRow:
     shown_intervals: tuple[str, ...] = ()
     per_attack: dict[str, dict[str, float]] = field(default_factory=dict)
     worst_attack: dict[str, int] = field(default_factory=dict)
+    flags: dict[str, str] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
         # Metric values and summaries read as attributes (`row.topk`, `row.topk_ci`, `row.attack_success`).
@@ -221,6 +225,12 @@ def summarise_records(records: Any, description: Any, resamples: int = 1000, see
                 own = records[(records["method"] == spec.method) & (records["attack"] == attack)]
                 per_attack[attack] = {column: float(own[column].astype("float64").mean()) for column in attack_columns}
         worst = part["worst_attack"].value_counts() if len(attacks) > 1 else {}
+        flags = {
+            column: metric.flag_message.format(value=values[column])
+            for metric in description.metrics if metric.flag_above is not None and metric.flag_message
+            for column in metric.columns
+            if values.get(column) is not None and not math.isnan(values[column]) and values[column] > metric.flag_above
+        }
         surrogates = [spec.surrogates[attack] for attack in attacks]
         rows.append(
             ResultRow(
@@ -232,6 +242,7 @@ def summarise_records(records: Any, description: Any, resamples: int = 1000, see
                 samples=len(part), values=values, intervals=intervals, directions=directions,
                 shown_intervals=shown, per_attack=per_attack,
                 worst_attack={attack: int(worst.get(attack, 0)) for attack in attacks} if len(attacks) > 1 else {},
+                flags=flags,
             )
         )
     return rows
@@ -352,8 +363,8 @@ def format_results_table(rows: Sequence[ResultRow]) -> str:
         cells = [row.method]
         for column in columns:
             value = row.values.get(column)
-            cells.append(_with_interval(value, row.intervals[column]) if column in row.shown_intervals
-                         else format_number(value))
+            cell = _with_interval(value, row.intervals[column]) if column in row.shown_intervals else format_number(value)
+            cells.append(cell + (" ⚠" if column in row.flags else ""))
         cells += [
             format_number(row.values.get("attack_success")),
             format_number(row.values.get("seconds_per_image")),
@@ -366,6 +377,11 @@ def format_results_table(rows: Sequence[ResultRow]) -> str:
         cells.append(row.surrogate)
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
+
+
+def format_flags(rows: Sequence[ResultRow]) -> str:
+    """One warning line per flagged method and metric (the table marks those cells with ⚠)."""
+    return "\n".join(f"WARNING: {row.method}: {message}." for row in rows for message in row.flags.values())
 
 
 def run_header_markdown(run_info: Mapping[str, Any]) -> str:
@@ -431,6 +447,8 @@ def write_results(
     atomic_write_text(paths["csv"], buffer.getvalue())
 
     sections = ["# Interpretation robustness", run_header_markdown(run_info), format_results_table(rows)]
+    if any(row.flags for row in rows):
+        sections.append(format_flags(rows))
     if run_info.get("note"):
         sections.append("**Note.** " + str(run_info["note"]))
     if comparisons:
