@@ -320,3 +320,14 @@ def test_help_lists_the_attacks_and_metrics_settings_with_their_types(capsys):
                    "fraction: float = 0.4", "mglightning.metrics.DeletionInsertionAUC", "steps: int = 20",
                    "--model.attacks", "--model.metrics"):
         assert needle in text, needle
+
+
+def test_explainer_settings_reach_the_explainers_that_take_them(checkpoint):
+    from mglightning.modules import ExplanationEvaluator
+
+    explainers = {"simple_gradient": SimpleGradient, "moreaugrad": functools.partial(MoreauGrad, num_steps=5, rho=0.2)}
+    evaluator = ExplanationEvaluator(str(checkpoint), explainers, explainer_settings={"tol": 0.03, "tol_window": 4})
+    moreau = evaluator.explainers["moreaugrad"]
+    assert (moreau.tol, moreau.tol_window, moreau.num_steps, moreau.rho) == (0.03, 4, 5, 0.2)
+    with pytest.raises(ValueError, match=r"explainer_settings \['tolx'\] are taken by none"):
+        ExplanationEvaluator(str(checkpoint), explainers, explainer_settings={"tolx": 0.03})

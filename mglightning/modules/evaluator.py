@@ -99,6 +99,9 @@ class ExplanationEvaluator(pl.LightningModule):
         warm_start: start every MoreauGrad solve of the attack from the previous step's solution (it switches on
             the attacks' own `warm_start`), and the attacked map from the last attack iterate's (the fast preset,
             with `tol` in the explainers); default cold starts.
+        explainer_settings: settings given to every explainer whose class takes them, over its own (the fast
+            preset's `{tol: 0.03, tol_window: 10, average_last: 0}` reaches the MoreauGrad family only); a setting
+            that no explainer takes is an error.
         convexity_iterations: with `n > 0`, estimate per sample the weak convexity `lambda` of the explained score
             by `n` power iterations on Hessian-vector products, and record for each MoreauGrad-family row whether
             `rho < 1 / lambda` (results column `convex share`) and Corollary 1's bound. 0 (default) skips it.
@@ -126,6 +129,7 @@ class ExplanationEvaluator(pl.LightningModule):
         grid_samples: int = 4,
         bootstrap_samples: int = 1000,
         warm_start: bool = False,
+        explainer_settings: dict[str, Any] | None = None,
         convexity_iterations: int = 0,
         run_dir: str | None = None,
         overwrite: bool = False,
@@ -175,6 +179,8 @@ class ExplanationEvaluator(pl.LightningModule):
         # Explanations differentiate with respect to the inputs only; frozen weights skip their gradients.
         self.classifier.requires_grad_(False)
         self.explainers: dict[str, Explainer] = {}
+        overrides = dict(explainer_settings or {})
+        used: set[str] = set()
         for label, factory in explainers.items():
             explainer = factory(self.classifier)
             if not isinstance(explainer, Explainer):
@@ -182,7 +188,17 @@ class ExplanationEvaluator(pl.LightningModule):
                     f"explainers[{label!r}] built a {type(explainer).__name__}, not an mglightning Explainer; use "
                     "class_path: mglightning.explainers.<Method>."
                 )
+            own = {name: getattr(explainer, name) for name in explainer.settings()}
+            taken = {name: value for name, value in overrides.items() if name in own}
+            if taken:
+                explainer = type(explainer)(self.classifier, **{**own, **taken})
+                used |= set(taken)
             self.explainers[str(label)] = explainer
+        if set(overrides) - used:
+            raise ValueError(
+                f"explainer_settings {sorted(set(overrides) - used)} are taken by none of the explainers "
+                f"({', '.join(self.explainers)}); check the spelling (python evaluate.py --help lists the settings)."
+            )
         self.attack_factories: dict[str, AttackFactory] = dict(attacks) if attacks is not None else default_attacks()
         self.metrics = dict(metrics) if metrics is not None else default_metrics()
         self.columns = metric_columns(self.metrics)
