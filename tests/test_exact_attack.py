@@ -334,11 +334,16 @@ def test_graph_settings_are_checked():
         MoreauGrad(model, graph_noise_samples=0)
 
 
-def test_attack_through_the_exact_graph_moves_samples_and_counts_its_cost():
+@pytest.mark.parametrize("kind", ["plain", "group"])
+def test_attack_through_the_exact_graph_moves_samples_and_counts_its_cost(kind):
     model = softplus_cnn()
     images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     target = model(images).argmax(1)
-    explainer = MoreauGrad(model, rho=0.2, step_size=0.05, num_steps=20, noise_std=0.0)
+    settings = dict(rho=0.2, step_size=0.05, num_steps=20, noise_std=0.0)
+    if kind == "plain":
+        explainer = MoreauGrad(model, **settings)
+    else:
+        explainer = GroupSparseMoreauGrad(model, eta=0.01, group_size=2, **settings)  # about 60% zeros
     exact = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=3, surrogate="exact")
     assert exact.surrogate_name == "exact" and exact.differentiated_explainer.graph == "exact"
     assert explainer.graph == "surrogate"  # the explainer making the maps is not changed
@@ -351,6 +356,12 @@ def test_attack_through_the_exact_graph_moves_samples_and_counts_its_cost():
     assert int(result.gradient_evaluations.sum()) == exact.last_gradient_evaluations
     surrogate = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=3).run(images, target)
     assert (surrogate.gradient_evaluations == 4 * (20 + 1)).all()
+    # Warm-started, the attack hands back the solution at the returned input, as with the surrogate.
+    warm = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=3, surrogate="exact", warm_start=True)
+    warm_result = warm.run(images, target, initial=explainer.explain(images, target).solution)
+    torch.testing.assert_close(
+        warm_result.solution, explainer.explain(warm_result.inputs, target).solution, rtol=0, atol=1e-3
+    )
 
 
 def test_exact_attack_refuses_methods_outside_the_moreaugrad_family():
