@@ -335,7 +335,8 @@ def test_epsilon_must_be_positive(epsilon):
         ({"step_size": -0.01}, "step_size"),
         ({"topk_fraction": 0.0}, r"topk_fraction.*\(0, 1\]"),
         ({"topk_fraction": 1.5}, r"topk_fraction.*\(0, 1\]"),
-        ({"surrogate": "deeplift"}, "self, simple_gradient"),
+        ({"surrogate": "deeplift"}, "self, exact, simple_gradient"),
+        ({"surrogate": "exact"}, "not of that family"),
     ],
 )
 def test_bad_attack_settings_raise_clear_errors(settings, message):

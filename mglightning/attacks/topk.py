@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -12,13 +13,23 @@ from mglightning.attacks.base import Attack, AttackResult
 from mglightning.explainers import MoreauGrad, build_explainer
 from mglightning.metrics import topk_count, topk_mask
 
-SURROGATE_CHOICES = ("self", "simple_gradient")
+SURROGATE_CHOICES = ("self", "exact", "simple_gradient")
 
 
 def _resolve_surrogate(explainer, surrogate: str):
     """The explainer whose ``create_graph=True`` map the attack differentiates, and its name for the results."""
     if surrogate == "self" and explainer.supports_create_graph:
         return explainer, "self"
+    if surrogate == "exact":
+        if not isinstance(explainer, MoreauGrad):
+            raise ValueError(
+                f"`surrogate='exact'` differentiates a MoreauGrad-family map exactly; {type(explainer).__name__} is "
+                "not of that family: use 'self' (its own map or declared surrogate) or 'simple_gradient'."
+            )
+        # A copy, so the explainer that makes the clean and attacked maps keeps its own settings.
+        exact = copy.copy(explainer)
+        exact.graph = "exact"
+        return exact, "exact"
     # Either asked for, or the method cannot build a differentiable map and declares what stands in for it.
     name = "simple_gradient" if surrogate == "simple_gradient" else explainer.surrogate
     return build_explainer(name, explainer.model, score=explainer.score), name
@@ -40,13 +51,26 @@ class TopKInterpretationAttack(Attack):
     then reported as not moved).
 
     ``A`` is the map ``explainer.attribute(x', target, seeds=seeds, create_graph=True)``; for the MoreauGrad
-    family that is its differentiable surrogate map (docs/semantics.md section 3). ``K`` and every ``D`` come from the same map that
-    is differentiated. A method without ``create_graph`` support (``supports_create_graph = False``) is attacked
-    through its declared ``explainer.surrogate``; ``surrogate="simple_gradient"`` attacks every method through
-    the simple gradient of the same model and score. :attr:`surrogate_name` says which was used (``"self"`` or
-    a registry name). The same per-sample seeds are passed to the explainer at every step, so a noisy method's
-    objective is the same function throughout the attack and each sample's result does not depend on its
-    batch. The model's train/eval mode, the inputs and the parameters' ``.grad`` are left as they were.
+    family that is, with its default ``graph="surrogate"``, the official code's stand-in map (docs/semantics.md section 3). ``K`` and
+    every ``D`` come from the same map that is differentiated. A method without ``create_graph`` support
+    (``supports_create_graph = False``) is attacked through its declared ``explainer.surrogate``.
+
+    Surrogates (``surrogate=``):
+
+    - ``"self"``: the explainer's own differentiable map (for the MoreauGrad family whatever its ``graph``
+      setting gives: the official stand-in ``1[d != 0] * |grad f_c(x + d)|`` by default, the paper's procedure),
+      or its declared surrogate.
+    - ``"exact"``: for a MoreauGrad-family explainer, a copy of it with ``graph="exact"``: the map itself,
+      differentiated by implicit differentiation of the solver's fixed point (conjugate gradients on
+      Hessian-vector products, :mod:`mglightning.explainers.implicit`), the derivative of the map that is
+      measured instead of the stand-in's. Other methods raise a ``ValueError``.
+    - ``"simple_gradient"``: every method through the simple gradient of the same model and score (transfer).
+
+    :attr:`surrogate_name` says which was used (``"self"``, ``"exact"`` or a registry name).
+
+    The same per-sample seeds are passed to the explainer at every step, so a noisy method's objective is the same
+    function throughout the attack and each sample's result does not depend on its batch. The model's train/eval
+    mode, the inputs and the parameters' ``.grad`` are left as they were.
 
     The sign step needs ``D`` to have a gradient: a map that is piecewise constant in the input (the simple
     gradient of a ReLU network) gives a zero step and leaves samples unmoved; attack softplus networks.
@@ -55,9 +79,11 @@ class TopKInterpretationAttack(Attack):
     :attr:`last_sample_gradient_evaluations`, and their sum in :attr:`last_gradient_evaluations`) hold the model
     input rows that the attack's
     ``num_steps + 1`` map evaluations sent through a forward+backward (the sum of the differentiated explainer's
-    own counts). Not included: the backward through each differentiated map (one more pass per row of the map's
-    graph, i.e. per sample for the simple gradient and the MoreauGrad surrogate) and the label checks
-    (forward-only, one row per sample and iterate).
+    own counts). With ``surrogate="exact"`` that includes the ``num_steps`` backward passes' Hessian-vector
+    products (2 rows per product and noise copy, CG iterations x products), which the explainer's
+    ``Explanation.gradient_evaluations`` receive when the backward runs. Not included: the backward through the
+    other differentiated maps (one more pass per row of the map's graph, i.e. per sample for the simple gradient
+    and the MoreauGrad surrogate) and the label checks (forward-only, one row per sample and iterate).
 
     **Warm starts** (``warm_start=True``; only the MoreauGrad family has a solver to warm-start, the option does
     nothing for other methods): each step's Moreau solve starts from the previous step's solution
@@ -76,8 +102,8 @@ class TopKInterpretationAttack(Attack):
         num_steps: number of signed gradient steps, >= 1. Default 10.
         step_size: size of each signed step (per pixel), > 0. Default ``epsilon / 100`` (official code).
         topk_fraction: share of the clean map's non-zero entries in ``K``, in (0, 1]. Default 0.4.
-        surrogate: ``"self"`` (the explainer's own differentiable map, or its declared surrogate) or
-            ``"simple_gradient"``. Default ``"self"``.
+        surrogate: ``"self"`` (the explainer's own differentiable map, or its declared surrogate), ``"exact"``
+            (the MoreauGrad family's exact map derivative) or ``"simple_gradient"``. Default ``"self"``.
         warm_start: start each MoreauGrad solve from the previous step's solution. Default False (cold starts).
 
     Example:
@@ -192,12 +218,11 @@ class TopKInterpretationAttack(Attack):
     def _objective(
         self, iterate: Tensor, target: int | Tensor, seeds: Tensor, topk: Tensor | None, initial: Tensor | None
     ):
-        """``D(iterate)`` per sample with its graph, the top-k mask (computed here on the first call) and the
-        solver's solution (None without warm starts)."""
+        """``D(iterate)`` per sample with its graph, the top-k mask (computed here on the first call), the
+        solver's solution (None without warm starts) and the map's cost (an exact graph's backward adds to it)."""
         explanation = self.differentiated_explainer.explain(
             iterate, target, seeds=seeds, create_graph=True, initial=initial
         )
-        self.last_sample_gradient_evaluations += explanation.gradient_evaluations
         attribution = explanation.attribution
         magnitudes = attribution.abs().flatten(1)
         if topk is None:
@@ -205,7 +230,7 @@ class TopKInterpretationAttack(Attack):
             topk = topk_mask(clean_map, topk_count(clean_map, self.topk_fraction)).flatten(1)
         total = magnitudes.sum(dim=1).clamp_min(torch.finfo(magnitudes.dtype).tiny)
         solution = explanation.solution if self.warm_starts else None
-        return (magnitudes * topk).sum(dim=1) / total, topk, solution
+        return (magnitudes * topk).sum(dim=1) / total, topk, solution, explanation.gradient_evaluations
 
     def _perturb(
         self, clean: Tensor, target: int | Tensor, seeds: Tensor, initial: Tensor | None
@@ -219,7 +244,7 @@ class TopKInterpretationAttack(Attack):
         best_displacement = None
         for step in range(self.num_steps + 1):
             iterate.requires_grad_(True)
-            objective, topk, solution = self._objective(iterate, target, seeds, topk, initial)
+            objective, topk, solution, cost = self._objective(iterate, target, seeds, topk, initial)
             if solution is not None:
                 initial = solution
                 if best_displacement is None:  # the solution at the clean input, for samples never moved
@@ -232,12 +257,14 @@ class TopKInterpretationAttack(Attack):
             if best_displacement is not None:
                 best_displacement[improved] = initial[improved]
             if step == self.num_steps:
+                self.last_sample_gradient_evaluations += cost
                 break
             gradient = torch.zeros_like(iterate)
             if objective.requires_grad:
                 (step_gradient,) = torch.autograd.grad(objective.sum(), iterate, allow_unused=True)
                 if step_gradient is not None:
                     gradient = step_gradient
+            self.last_sample_gradient_evaluations += cost  # after the backward, which may add to it
             iterate = project_to_ball(iterate.detach() - self.step_size * gradient.sign(), clean, self.epsilon)
         self.last_gradient_evaluations = int(self.last_sample_gradient_evaluations.sum())
         return AttackResult(best, moved, self.last_sample_gradient_evaluations.clone(), best_displacement)

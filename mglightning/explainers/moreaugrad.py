@@ -28,7 +28,15 @@ from mglightning.explainers.base import (
     sample_generators,
     sum_noisy_gradients,
 )
+from mglightning.explainers.implicit import (
+    PenaltyLinearisation,
+    exact_moreau_map,
+    group_soft_threshold_linearisation,
+    soft_threshold_linearisation,
+)
 from mglightning.explainers.prox import check_group_size, group_soft_threshold, soft_threshold
+
+GRAPHS = ("surrogate", "exact")
 
 
 def moreau_surrogate(
@@ -38,7 +46,8 @@ def moreau_surrogate(
 
     `1[d != 0] * |grad f_c(x + d)|` with the graph to `inputs` kept, for a displacement `d = z* - x` that was
     solved without a graph and is held fixed here (as in the official code). `attribute(..., create_graph=True)`
-    of the MoreauGrad family returns exactly this with its own `d`.
+    of the MoreauGrad family returns exactly this with its own `d` under the default `graph="surrogate"`
+    (`graph="exact"` returns the map itself with its implicit derivative instead).
 
     Args:
         model: the classifier.
@@ -96,11 +105,21 @@ class MoreauGrad(Explainer):
       bfloat16 autocast and/or the channels-last layout, while the displacement and its updates stay in the
       inputs' dtype (float32). The attack's differentiable map (`create_graph=True`) is always computed at
       full precision.
+    - **Exact graph** (`graph="exact"`): `attribute(..., create_graph=True)` returns the map itself, `-d / rho`,
+      differentiable with respect to the inputs by implicit differentiation of the fixed point: its backward
+      solves `(I + rho H) u = v` (restricted to the support, plus the group norm's curvature, for the sparse
+      variants) by conjugate gradients on Hessian-vector products at `z*`, each sample stopping at a relative
+      residual `graph_tol` or after `graph_max_iter` products (`mglightning.explainers.implicit` derives it). In
+      regularised mode the Hessian is the mean over the sample's first `graph_noise_samples` draws (default
+      `noise_samples`): an estimate. The default `graph="surrogate"` is the official code's stand-in
+      (`moreau_surrogate`), the paper's procedure.
 
     After each call: `last_iterations` (`(B,)` long tensor), and
     `last_gradient_evaluations` / `last_sample_gradient_evaluations` (model input rows through a
     forward+backward, in total and per sample as a `(B,)` long CPU tensor: steps x noise copies, plus one row for
-    the differentiable map).
+    the surrogate differentiable map). With the exact graph the map itself costs nothing more, and its backward
+    pass adds 2 x `graph_noise_samples` (2 in plain mode) per CG iteration and sample to the
+    `Explanation.gradient_evaluations` of the call when it runs (not to the `last_*` attributes).
 
     Args:
         model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
@@ -122,6 +141,12 @@ class MoreauGrad(Explainer):
         channels_last: feed the solver's model passes in the channels-last memory format (default False; same
             maps to float rounding, faster convolutions on most GPUs, see docs/benchmarks.md).
         score: `logit` (default), `log_softmax` or `softmax`.
+        graph: the map that `create_graph=True` returns: `surrogate` (default, the official code's stand-in
+            `1[d != 0] * |grad f_c(x + d)|`) or `exact` (the map itself with its implicit derivative).
+        graph_tol: the exact graph's CG tolerance on the relative residual (default 1e-3).
+        graph_max_iter: the exact graph's most CG iterations (Hessian-vector products) per sample (default 100).
+        graph_noise_samples: in regularised mode, the noise draws the exact graph's Hessian is averaged over (the
+            sample's first draws from its seed); `None` (default) takes `noise_samples`, the solver's first step's.
 
     Example:
         >>> explainer = MoreauGrad(model, rho=1.0, step_size=0.1, num_steps=300, tol=1e-2)
@@ -153,6 +178,10 @@ class MoreauGrad(Explainer):
         autocast: bool = False,
         channels_last: bool = False,
         score: str = "logit",
+        graph: str = "surrogate",
+        graph_tol: float = 1e-3,
+        graph_max_iter: int = 100,
+        graph_noise_samples: int | None = None,
     ) -> None:
         super().__init__(model, score)
         owner = type(self).__name__
@@ -180,6 +209,12 @@ class MoreauGrad(Explainer):
         for flag, value in (("accelerate", accelerate), ("autocast", autocast), ("channels_last", channels_last)):
             if not isinstance(value, bool):
                 raise ValueError(f"{owner}: {flag} must be True or False, got {value!r}.")
+        if graph not in GRAPHS:
+            raise ValueError(f"{owner}: graph must be one of {GRAPHS}, got {graph!r}.")
+        check_number(owner, "graph_tol", graph_tol)
+        check_positive_int(owner, "graph_max_iter", graph_max_iter)
+        if graph_noise_samples is not None:
+            check_positive_int(owner, "graph_noise_samples", graph_noise_samples)
         self.rho = rho
         self.step_size = step_size
         self.num_steps = num_steps
@@ -192,6 +227,10 @@ class MoreauGrad(Explainer):
         self.accelerate = accelerate
         self.autocast = autocast
         self.channels_last = channels_last
+        self.graph = graph
+        self.graph_tol = graph_tol
+        self.graph_max_iter = graph_max_iter
+        self.graph_noise_samples = graph_noise_samples
         self.last_iterations: Tensor | None = None
         self.last_gradient_evaluations: int | None = None
         self.last_sample_gradient_evaluations: Tensor | None = None
@@ -204,6 +243,10 @@ class MoreauGrad(Explainer):
         """The proximal step of the penalty; MoreauGrad has none."""
         return displacement
 
+    def _penalty_linearisation(self, displacement: Tensor) -> PenaltyLinearisation:
+        """The prox's linearisation at a solution, for the exact graph (`mglightning.explainers.implicit`); none."""
+        return PenaltyLinearisation()
+
     def _check_shape(self, inputs: Tensor) -> None:
         """Hook for settings that constrain the image shape."""
 
@@ -214,6 +257,11 @@ class MoreauGrad(Explainer):
         displacement = self._solve(inputs.detach(), target, seeds, initial)
         if not create_graph:
             attribution = -displacement / self.rho
+        elif self.graph == "exact":
+            # The backward pass adds its Hessian-vector products to this count when it runs.
+            counts = self.last_sample_gradient_evaluations.clone()
+            attribution = exact_moreau_map(self, inputs, displacement, target, seeds, counts)
+            return Explanation(attribution, counts, displacement)
         else:
             # The differentiable map is one more forward+backward per sample.
             self.last_sample_gradient_evaluations += 1
@@ -354,7 +402,8 @@ class SparseMoreauGrad(MoreauGrad):
 
     Args:
         model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score: as in `MoreauGrad`.
+            tol_window, accelerate, autocast, channels_last, score, graph, graph_tol, graph_max_iter,
+            graph_noise_samples: as in `MoreauGrad`.
         eta: L1 coefficient `eta >= 0` (default 5e-3, the official code's).
 
     Example:
@@ -382,16 +431,24 @@ class SparseMoreauGrad(MoreauGrad):
         autocast: bool = False,
         channels_last: bool = False,
         score: str = "logit",
+        graph: str = "surrogate",
+        graph_tol: float = 1e-3,
+        graph_max_iter: int = 100,
+        graph_noise_samples: int | None = None,
     ) -> None:
         super().__init__(
             model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score,
+            tol_window, accelerate, autocast, channels_last, score, graph=graph, graph_tol=graph_tol,
+            graph_max_iter=graph_max_iter, graph_noise_samples=graph_noise_samples,
         )
         check_number(type(self).__name__, "eta", eta, positive=False)
         self.eta = eta
 
     def _prox(self, displacement: Tensor, step: float) -> Tensor:
         return soft_threshold(displacement, step * self.eta)
+
+    def _penalty_linearisation(self, displacement: Tensor) -> PenaltyLinearisation:
+        return soft_threshold_linearisation(displacement)
 
 
 class GroupSparseMoreauGrad(MoreauGrad):
@@ -402,7 +459,8 @@ class GroupSparseMoreauGrad(MoreauGrad):
 
     Args:
         model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score: as in `MoreauGrad`.
+            tol_window, accelerate, autocast, channels_last, score, graph, graph_tol, graph_max_iter,
+            graph_noise_samples: as in `MoreauGrad`.
         eta: group-norm coefficient `eta >= 0` (default 5e-2, the official code's).
         group_size: block side; must divide the image height and width (default 14, for 224x224 images; use
             e.g. 4 or 8 for 32x32).
@@ -433,10 +491,15 @@ class GroupSparseMoreauGrad(MoreauGrad):
         autocast: bool = False,
         channels_last: bool = False,
         score: str = "logit",
+        graph: str = "surrogate",
+        graph_tol: float = 1e-3,
+        graph_max_iter: int = 100,
+        graph_noise_samples: int | None = None,
     ) -> None:
         super().__init__(
             model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score,
+            tol_window, accelerate, autocast, channels_last, score, graph=graph, graph_tol=graph_tol,
+            graph_max_iter=graph_max_iter, graph_noise_samples=graph_noise_samples,
         )
         owner = type(self).__name__
         check_number(owner, "eta", eta, positive=False)
@@ -452,3 +515,6 @@ class GroupSparseMoreauGrad(MoreauGrad):
 
     def _prox(self, displacement: Tensor, step: float) -> Tensor:
         return group_soft_threshold(displacement, step * self.eta, self.group_size)
+
+    def _penalty_linearisation(self, displacement: Tensor) -> PenaltyLinearisation:
+        return group_soft_threshold_linearisation(displacement, self.eta, self.group_size)
