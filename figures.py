@@ -6,8 +6,10 @@
     python figures.py fig7 --config configs/figures_digits.yaml      # misclassified samples
     python figures.py fig2 --help                                    # every option
 
-Figure 6 (robustness against the attack budget) is the evaluation's `robustness.png` (`evaluate.py`). The figures'
-content is described in `mglightning/paper_figures.py`.
+Figure 6 (robustness against the attack budget) is the evaluation's `robustness.png` (`evaluate.py`); the paper's
+own procedure is the overlay `configs/presets/paper_procedure.yaml`, e.g.
+`python evaluate.py --config configs/eval_patches.yaml --config configs/presets/paper_procedure.yaml --ckpt_path
+checkpoints/patches/last.ckpt`. The figures' content is described in `mglightning/paper_figures.py`.
 """
 
 from __future__ import annotations

@@ -404,3 +404,22 @@ def test_gaussian_noise_keeps_the_label_when_given_the_model():
     assert torch.equal(_prediction(model, noisy), _prediction(model, images))
     # Without the model the label is not checked: every sample moves.
     assert GaussianNoise(None, 0.5).perturb(images, 0, seeds=torch.arange(6))[1].all()
+
+
+def test_ensemble_members_apply_only_where_they_differ_from_a_methods_own_attack():
+    from mglightning.explainers import MoreauGrad, SmoothGrad
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 8), torch.nn.Softplus(), torch.nn.Linear(8, 3))
+    methods = {"sg": SimpleGradient(model), "smooth": SmoothGrad(model, nt_samples=2),
+               "deeplift": build_explainer("deeplift", model), "moreau": MoreauGrad(model, num_steps=3, noise_std=0.0)}
+    applies = {
+        surrogate: {name: TopKInterpretationAttack(e, 0.5, surrogate=surrogate, distinct_only=True).applies
+                    for name, e in methods.items()}
+        for surrogate in ("exact", "simple_gradient")
+    }
+    assert applies["exact"] == {"sg": False, "smooth": False, "deeplift": False, "moreau": True}
+    assert applies["simple_gradient"] == {"sg": False, "smooth": True, "deeplift": False, "moreau": True}
+    with pytest.raises(ValueError, match="does not apply"):
+        TopKInterpretationAttack(methods["sg"], 0.5, surrogate="exact", distinct_only=True).run(torch.rand(2, 3, 4, 4), 0)
+    with pytest.raises(ValueError, match="surrogate='exact'"):  # without distinct_only it is refused at once
+        TopKInterpretationAttack(methods["sg"], 0.5, surrogate="exact")

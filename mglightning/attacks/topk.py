@@ -35,6 +35,15 @@ def _resolve_surrogate(explainer, surrogate: str):
     return build_explainer(name, explainer.model, score=explainer.score), name
 
 
+def _distinct(explainer, surrogate: str) -> bool:
+    """Whether attacking `explainer` through `surrogate` differs from attacking it through its own map."""
+    if surrogate == "exact":
+        return isinstance(explainer, MoreauGrad)
+    if surrogate == "simple_gradient":
+        return explainer.supports_create_graph and explainer.name != "simple_gradient"
+    return True
+
+
 class TopKInterpretationAttack(Attack):
     """Move an interpretation's top-k mass elsewhere with an L2-bounded perturbation that keeps the prediction.
 
@@ -105,6 +114,11 @@ class TopKInterpretationAttack(Attack):
         surrogate: ``"self"`` (the explainer's own differentiable map, or its declared surrogate), ``"exact"``
             (the MoreauGrad family's exact map derivative) or ``"simple_gradient"``. Default ``"self"``.
         warm_start: start each MoreauGrad solve from the previous step's solution. Default False (cold starts).
+        distinct_only: for an attack ensemble: attack only a method for which this surrogate is not its own attack
+            already (`exact`: the MoreauGrad family; `simple_gradient`: methods with a differentiable map of their
+            own, the simple gradient aside); for the others the attack does not apply (`applies` is False, an
+            evaluation records nothing for it) instead of refusing them (`exact`) or repeating their own attack.
+            Default False.
 
     Example:
         >>> from mglightning.explainers import SimpleGradient
@@ -138,6 +152,7 @@ class TopKInterpretationAttack(Attack):
         topk_fraction: float = 0.4,
         surrogate: str = "self",
         warm_start: bool = False,
+        distinct_only: bool = False,
     ) -> None:
         required = ("model", "score", "attribute", "supports_create_graph", "surrogate")
         missing = [name for name in required if not hasattr(explainer, name)]
@@ -173,10 +188,22 @@ class TopKInterpretationAttack(Attack):
         self.num_steps = num_steps
         self.step_size = float(step_size)
         self.topk_fraction = float(topk_fraction)
-        self.differentiated_explainer, self.surrogate_name = _resolve_surrogate(explainer, surrogate)
+        if not isinstance(distinct_only, bool):
+            raise ValueError(f"`distinct_only` must be True or False, got {distinct_only!r}.")
+        self.distinct_only = distinct_only
+        self._applies = not distinct_only or _distinct(explainer, surrogate)
+        if self._applies:
+            self.differentiated_explainer, self.surrogate_name = _resolve_surrogate(explainer, surrogate)
+        else:
+            self.differentiated_explainer, self.surrogate_name = None, surrogate
         self.warm_start = warm_start
         self.last_gradient_evaluations: int | None = None
         self.last_sample_gradient_evaluations: Tensor | None = None
+
+    @property
+    def applies(self) -> bool:
+        """False for a `distinct_only` attack whose surrogate is the method's own attack (or impossible for it)."""
+        return self._applies
 
     @property
     def warm_starts(self) -> bool:
@@ -202,6 +229,11 @@ class TopKInterpretationAttack(Attack):
             [0, 1], same prediction as the clean input), a ``(B,)`` bool tensor, True where that iterate is not
             the clean input, the per-sample cost and, with warm starts, the solution at the returned input.
         """
+        if not self._applies:
+            raise ValueError(
+                f"this {self.surrogate_name} attack does not apply to {type(self.explainer).__name__} "
+                "(distinct_only): it is that method's own attack already, or the method has no such map."
+            )
         check_images(inputs)
         seeds = resolve_seeds(seeds, inputs.shape[0])
         if not self.warm_starts:
