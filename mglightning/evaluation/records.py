@@ -183,13 +183,3 @@ def recorded_indices(run_dir: str | Path, expected: Mapping[str, Sequence[str]],
 def summary_fields() -> dict[str, Any]:
     """`{results value: record field}` of the record fields the results rows average."""
     return {item.metadata["summary"]: item for item in record_fields() if item.metadata["summary"]}
-
-
-def records_of(rows: Sequence[Mapping[str, Any]]) -> list[Record]:
-    """Records back from Parquet rows (e.g. `read_records(...).to_dict("records")`), metric columns in `values`."""
-    names = {item.name for item in record_fields()}
-    return [
-        Record(**{key: value for key, value in row.items() if key in names},
-               values={key: value for key, value in row.items() if key not in names})
-        for row in rows
-    ]

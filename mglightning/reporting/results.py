@@ -340,23 +340,27 @@ def _title(column: str, direction: bool | None) -> str:
 
 
 def format_results_table(rows: Sequence[ResultRow]) -> str:
-    """Markdown table, one line per row: every metric (`mean [low, high]` where its interval is shown),
-    attack success (share of samples an attack moved), seconds per image of the clean map, gradient evaluations
-    per image (clean map / attack / attacked map), the convex-regime share when computed, the worst attack with
-    its count when several attacks ran, and the attack's surrogate.
+    """Markdown table, one line per row: every metric (`mean [low, high]` where its interval is shown), the
+    record fields with a table title (attack success: share of samples an attack moved; seconds per image of the
+    clean map; the convex-regime share when computed), gradient evaluations per image (clean map / attack /
+    attacked map), the worst attack with its count when several attacks ran, and the attack's surrogate.
     """
     if not rows:
         return ""
+    from mglightning.evaluation.records import summary_fields
+
     first = rows[0]
     columns = list(first.directions)
-    convex = any(row.values.get("convex_share") is not None for row in rows)
+    # The record fields that carry a table title, in the record's order; those never computed are left out.
+    titled = [(summary, item.metadata["title"]) for summary, item in summary_fields().items() if item.metadata["title"]]
+    titled = [(summary, title) for summary, title in titled if any(row.values.get(summary) is not None for row in rows)]
     several = any(row.worst_attack for row in rows)
     header = (
         ["method"]
         + [_title(column, first.directions[column]) + (" [95% CI]" if column in first.shown_intervals else "")
            for column in columns]
-        + ["attack success", "s / image", "grad evals / image (clean / attack / attacked)"]
-        + (["convex share"] if convex else []) + (["worst attack (samples)"] if several else []) + ["surrogate"]
+        + [title for _, title in titled] + ["grad evals / image (clean / attack / attacked)"]
+        + (["worst attack (samples)"] if several else []) + ["surrogate"]
     )
     lines = ["| " + " | ".join(header) + " |", "| :--- |" + " ---: |" * (len(header) - 2) + " :--- |"]
     for row in rows:
@@ -365,13 +369,10 @@ def format_results_table(rows: Sequence[ResultRow]) -> str:
             value = row.values.get(column)
             cell = _with_interval(value, row.intervals[column]) if column in row.shown_intervals else format_number(value)
             cells.append(cell + (" ⚠" if column in row.flags else ""))
-        cells += [
-            format_number(row.values.get("attack_success")),
-            format_number(row.values.get("seconds_per_image")),
-            " / ".join(format_number(row.values.get(key)) for key in ("evals_clean", "evals_attack", "evals_attacked")),
-        ]
-        if convex:
-            cells.append(format_number(row.values.get("convex_share")))
+        cells += [format_number(row.values.get(summary)) for summary, _ in titled]
+        cells.append(
+            " / ".join(format_number(row.values.get(key)) for key in ("evals_clean", "evals_attack", "evals_attacked"))
+        )
         if several:
             cells.append(", ".join(f"{attack} {count}" for attack, count in row.worst_attack.items()))
         cells.append(row.surrogate)
