@@ -37,7 +37,8 @@ def test_saved_bytes_count_the_rows_activations_and_not_the_parameters():
         assert saved_bytes_per_row(objective, rows) == 48 * 4 + outputs * 4 + 8
     convolutional = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Softplus(), nn.Flatten(), nn.Linear(128, 5))
     # + the convolution's output (8 x 4 x 4, saved by the softplus) and the softplus's (saved by the linear layer).
-    assert saved_bytes_per_row(ClassScore(convolutional, "logit", torch.tensor([1])), rows) == (48 + 2 * 128 + 5) * 4 + 8
+    objective = ClassScore(convolutional, "logit", torch.tensor([1]))
+    assert saved_bytes_per_row(objective, rows) == (48 + 2 * 128 + 5) * 4 + 8
 
 
 def test_auto_takes_a_share_of_the_available_memory_and_a_fixed_size_on_the_cpu():

@@ -47,7 +47,8 @@ def _draws(function, n, **kwargs):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS)
 def test_philox_gives_random123s_known_answers(device, counter, key, expected):
-    words = philox4x32([torch.tensor([c], device=device) for c in counter], [torch.tensor([k], device=device) for k in key])
+    words = philox4x32([torch.tensor([c], device=device) for c in counter],
+                       [torch.tensor([k], device=device) for k in key])
     assert [int(w) for w in words] == list(expected)
     assert philox_in_python(counter, key) == expected
 

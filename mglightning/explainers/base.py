@@ -252,7 +252,9 @@ class Explainer(abc.ABC):
     def _objective(self, target: Tensor) -> ClassScore:
         return ClassScore(self.model, self.score, target)
 
-    def _rows_per_pass(self, fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, passes: float = 2.0) -> int | None:
+    def _rows_per_pass(
+        self, fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, passes: float = 2.0
+    ) -> int | None:
         """This call's chunk size: the method's `internal_batch_size`, `"auto"` resolved for `inputs`' device
         (`resolve_internal_batch_size`; the probe's measurement is kept for later calls)."""
         cache = self.__dict__.setdefault("_saved_bytes_per_row", {})
@@ -377,8 +379,8 @@ def sum_noisy_gradients(
     """`sum_j transform(grad f_c(points[p] + n_pj))` for every point `p`, over `copies` noise draws.
 
     The noise of point `p`'s copy `j` is `std * normal(seeds[sample_ids[p]], stream=Stream.NOISE, step=step,
-    copy=j)` (`mglightning.random`), drawn on the points' device chunk by chunk: it depends on the sample's seed,
-    the step and the copy only, not on the other points or the chunks. The `len(points) * copies` model inputs are
+    copy_index=j)` (`mglightning.random`), drawn on the points' device chunk by chunk: it depends on the sample's
+    seed, the step and the copy only, not on the other points or the chunks. The `len(points) * copies` model inputs are
     evaluated in chunks of at most `chunk_size` rows. Without `seeds` no noise is added (`copies` must then be
     1): plain, chunked gradients.
 

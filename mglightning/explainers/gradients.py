@@ -103,7 +103,7 @@ class IntegratedGradients(Explainer):
 class SmoothGrad(Explainer):
     """SmoothGrad (Smilkov et al. 2017): the mean of `grad f_c(x + n_i)` over draws `n_i ~ N(0, stdevs^2 I)`.
 
-    Sample `i`'s copy `j` is `x_i + stdevs * normal(seeds[i], stream=Stream.NOISE, step=0, copy=j)`
+    Sample `i`'s copy `j` is `x_i + stdevs * normal(seeds[i], stream=Stream.NOISE, step=0, copy_index=j)`
     (`mglightning.random`, drawn on the inputs' device), the same whatever the batch, the chunks or the device.
 
     Args:
