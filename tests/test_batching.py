@@ -1,14 +1,17 @@
-"""`internal_batch_size="auto"` (the rule, its probe and its cache) and the solver's host synchronisations."""
+"""`internal_batch_size="auto"` (the rule, its probe and its cache), the solver's host synchronisations, and an
+evaluation's records for several batch sizes."""
 
+import pandas as pd
 import pytest
 import torch
 from test_explainers import _one_thread, softplus_cnn  # noqa: F401  (the fixture applies here too)
+from test_multinode import records, run_folder, write_config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import evaluate
 import mglightning.explainers.base as base
 from mglightning.explainers import CASO, MoreauGrad, RelEx, SmoothGrad, build_explainer, explainer_settings
-from mglightning.explainers.hessian import ClassCrossEntropy
 from mglightning.explainers.base import (
     AUTO_CPU_ROWS,
     ClassScore,
@@ -16,6 +19,7 @@ from mglightning.explainers.base import (
     resolve_internal_batch_size,
     saved_bytes_per_row,
 )
+from mglightning.explainers.hessian import ClassCrossEntropy
 
 TARGET = torch.tensor([0, 3, 1])
 SEEDS = torch.tensor([11, 22, 33])
@@ -177,3 +181,20 @@ def test_with_tol_the_solver_reads_the_device_once_per_window(monkeypatch):
 
     per_window = (reads(3, 12) - reads(3, 6)) / 2
     assert per_window == (reads(6, 24) - reads(6, 12)) / 2 == 1  # the decision itself, not the steps between
+
+
+# --- batches of an evaluation ----------------------------------------------------------------------------------
+
+
+def test_evaluation_records_do_not_depend_on_the_batch_size(tmp_path):
+    """Batches of 1, 4 and 16 (all 8 samples in one) give the same records: the noise of a sample depends on its
+    seed alone, and "auto" chunks change nothing but rounding."""
+    tables = []
+    for batch_size in (1, 4, 16):
+        folder = tmp_path / str(batch_size)
+        folder.mkdir()
+        evaluate.cli_main(["--config", str(write_config(folder, batch_size=batch_size, max_samples=8))])
+        tables.append(records(run_folder(folder / "logs")))
+    assert len(tables[0]) == 8 * 3
+    for table in tables[1:]:
+        pd.testing.assert_frame_equal(table, tables[0], check_exact=False, atol=1e-5, rtol=0)

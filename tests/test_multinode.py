@@ -19,9 +19,9 @@ E = "mglightning.explainers."
 RECORD_COLUMNS = ["method", "index", "distance", "topk", "ssim", "moved"]
 
 
-def write_config(folder: Path) -> Path:
+def write_config(folder: Path, batch_size: int = 2, max_samples: int = 4) -> Path:
     """A tiny evaluation on synthetic data: a random-weight softplus ResNet-18 (width 4, 16x16 images), three
-    explainers (plain, noisy, iterative and noisy), four samples in batches of two."""
+    explainers (plain, noisy, iterative and noisy), four samples in batches of two by default."""
     torch.manual_seed(0)
     weights = folder / "resnet18_w4.pt"
     model = create_model("resnet18", num_classes=4, image_size=16, in_chans=3, width=4, activation="softplus")
@@ -45,7 +45,7 @@ model:
     std: [0.25, 0.25, 0.25]
   epsilon: 0.5
   attack_steps: 2
-  max_samples: 4
+  max_samples: {max_samples}
   grid_samples: 0
   explainers:
     simple_gradient: {{class_path: {E}SimpleGradient}}
@@ -53,7 +53,7 @@ model:
     moreaugrad: {{class_path: {E}MoreauGrad, init_args: {{num_steps: 4, noise_samples: 2}}}}
 data:
   class_path: mglightning.data.SyntheticDataModule
-  init_args: {{batch_size: 2, num_samples: 40, num_classes: 4, image_size: 16, seed: 0}}
+  init_args: {{batch_size: {batch_size}, num_samples: 40, num_classes: 4, image_size: 16, seed: 0}}
 """
     )
     return config

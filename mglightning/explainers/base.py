@@ -380,9 +380,9 @@ def sum_noisy_gradients(
 
     The noise of point `p`'s copy `j` is `std * normal(seeds[sample_ids[p]], stream=Stream.NOISE, step=step,
     copy_index=j)` (`mglightning.random`), drawn on the points' device chunk by chunk: it depends on the sample's
-    seed, the step and the copy only, not on the other points or the chunks. The `len(points) * copies` model inputs are
-    evaluated in chunks of at most `chunk_size` rows. Without `seeds` no noise is added (`copies` must then be
-    1): plain, chunked gradients.
+    seed, the step and the copy only, not on the other points or the chunks. The `len(points) * copies` model
+    inputs are evaluated in chunks of at most `chunk_size` rows. Without `seeds` no noise is added (`copies` must
+    then be 1): plain, chunked gradients.
 
     Args:
         objective: the class score; row `r` uses the target of sample `sample_ids[p]`.
@@ -525,7 +525,7 @@ def saved_bytes_per_row(fn: Callable[[Tensor, Tensor], Tensor], rows: Tensor) ->
     parameters (`fn.model`) are not counted, they do not grow with the rows.
 
     Example:
-        >>> saved_bytes_per_row(ClassScore(model, "logit", labels), images[:2])    # e.g. 8.4e6 for a CIFAR ResNet-18
+        >>> saved_bytes_per_row(ClassScore(model, "logit", labels), images[:2])   # CIFAR-10's ResNet-18: 6.9e6
     """
     model = getattr(fn, "model", None)
     parameters = set() if model is None else {p.untyped_storage().data_ptr() for p in model.parameters()}

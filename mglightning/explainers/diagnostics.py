@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from mglightning.explainers.base import (
     SCORES,
     ClassScore,
-    check_inputs,
     InternalBatchSize,
+    check_inputs,
     check_internal_batch_size,
     check_number,
     check_positive_int,
