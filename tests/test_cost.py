@@ -3,6 +3,7 @@ model, warm starts and the windowed stopping rule against brute-force loops, mix
 
 import pytest
 import torch
+from noise_reference import sample_noise
 from test_explainers import FAST_SETTINGS, _one_thread, softplus_cnn  # noqa: F401  (the fixture applies here too)
 from torch import nn
 
@@ -214,10 +215,9 @@ def test_regularised_stopping_rule_is_the_window_mean_rule_of_a_brute_force_loop
                            tol=tol, tol_window=window, internal_batch_size=5)
     actual = explainer.attribute(images, target, seeds=seeds, initial=initial)
     for i in range(2):
-        generator = torch.Generator().manual_seed(int(seeds[i]))
         d, previous_mean, window_sum, stop = initial[i].clone(), initial[i].clone(), 0, steps
         for t in range(1, steps + 1):
-            noise = std * torch.randn((copies, 3, 8, 8), generator=generator, dtype=torch.float64)
+            noise = sample_noise(int(seeds[i]), copies, (3, 8, 8), std, step=t - 1, dtype=torch.float64)
             noisy = (images[i] + d + noise).requires_grad_(True)
             gradient = torch.autograd.grad(model(noisy)[:, target[i]].sum(), noisy)[0].mean(0)
             d = d - step * (gradient + d / rho)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from noise_reference import sample_noise
 from torch import nn
 
 from mglightning.explainers.diagnostics import corollary_bound, local_convexity
@@ -49,11 +50,8 @@ def test_smallest_eigenvalue_matches_dense_hessian(softplus_mlp):
 def test_smoothed_score_matches_mean_dense_hessian(softplus_mlp):
     model, images, target = softplus_mlp
     seeds = torch.arange(10, 10 + BATCH)
-    # The noise HessianOperator documents: sample i's copies from torch.Generator().manual_seed(seeds[i]).
-    noise = torch.stack(
-        [0.2 * torch.randn((3, *SHAPE), generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
-         for s in seeds]
-    )
+    # The noise HessianOperator documents: sample i's copies j < 3, drawn from seeds[i] and j alone.
+    noise = torch.stack([sample_noise(int(s), 3, SHAPE, 0.2, dtype=torch.float64) for s in seeds])
     expected = dense_smallest_eigenvalues(model, images, target, noise)
     diagnostic = local_convexity(
         model, images, target, rho=0.1, num_iterations=400, noise_std=0.2, noise_samples=3, seeds=seeds,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients as CaptumIntegratedGradients
 from captum.attr import Saliency
+from noise_reference import sample_noise, sample_uniform
 from torch import nn
 
 from mglightning.explainers import (
@@ -24,6 +25,7 @@ from mglightning.explainers import (
     explainer_settings,
     list_explainers,
 )
+from mglightning.random import Stream
 
 SPEC_NAMES = {
     "simple_gradient",
@@ -377,8 +379,8 @@ def test_integrated_gradients_are_complete_up_to_the_discretisation_error():
 
 
 def _seeded_noise(seed, copies, shape, std, dtype=torch.float32):
-    """The documented noise protocol: sample i's copies from one draw of its own CPU generator."""
-    return std * torch.randn((copies, *shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    """The documented noise protocol: sample i's copies j < copies, drawn from seeds[i] and j alone."""
+    return sample_noise(seed, copies, shape, std, dtype=dtype)
 
 
 def _gradient_of_one_image(model, image, target):
@@ -427,11 +429,11 @@ def test_relex_equals_a_per_sample_loop_with_torch_sgd():
                 "lambda1": 1e-2, "lambda2": 1.0}
     actual = RelEx(model, **settings, internal_batch_size=4).attribute(images, TARGET[:2], seeds=SEEDS[:2])
     for i in range(2):
-        generator = torch.Generator().manual_seed(int(SEEDS[i]))
-        mask = (torch.rand((1, 8, 8), generator=generator, dtype=torch.float64) / 100).requires_grad_(True)
+        start = sample_uniform(int(SEEDS[i]), (1, 8, 8), Stream.RELEX_MASK, dtype=torch.float64)
+        mask = (start / 100).requires_grad_(True)
         optimizer = torch.optim.SGD([mask], lr=0.1, momentum=0.99)
-        for _ in range(4):
-            noisy = images[i] + 0.1 * torch.randn((5, 3, 8, 8), generator=generator, dtype=torch.float64)
+        for step in range(4):
+            noisy = images[i] + sample_noise(int(SEEDS[i]), 5, (3, 8, 8), 0.1, step=step, dtype=torch.float64)
             foreground = torch.softmax(model(noisy * mask), 1)[:, TARGET[i]]
             background = torch.softmax(model(noisy * (1 - mask)), 1)[:, TARGET[i]]
             loss = (-torch.log(foreground) - torch.log(1 - background + 1e-7)).mean() + 1e-2 * mask.abs().sum()

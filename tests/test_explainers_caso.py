@@ -4,6 +4,7 @@ two agree on confident predictions and not on unconfident ones."""
 
 import pytest
 import torch
+from noise_reference import sample_noise
 from test_cost import CountingModel
 from test_explainers import _one_thread, softplus_cnn  # noqa: F401  (the fixture applies here too)
 from torch import nn
@@ -123,8 +124,7 @@ def test_caso_with_smoothing_solves_the_mean_hessian_of_the_seeded_copies(linear
     explainer = CASO(model, lambda1=0.0, num_steps=80, power_iterations=200, noise_std=std, noise_samples=copies)
     attribution = explainer.attribute(points, target, seeds=seeds)
     for i in range(len(points)):
-        noise = std * torch.randn((copies, *SHAPE), generator=torch.Generator().manual_seed(int(seeds[i])),
-                                  dtype=torch.float64)
+        noise = sample_noise(int(seeds[i]), copies, SHAPE, std, dtype=torch.float64)
         gradient, hessian = closed_form(model, points[i] + noise, target[i].expand(copies))
         gradient, hessian = gradient.mean(0), hessian.mean(0)
         sigma_max = torch.linalg.eigvalsh(hessian)[-1]
@@ -171,8 +171,7 @@ def test_smoothed_cafo_is_the_mean_gradient_over_the_seeded_noise(cnn_problem):
     attribution = CAFO(model, lambda1=0.0, lambda2=2.0, noise_std=0.15, noise_samples=5, internal_batch_size=4)
     actual = attribution.attribute(points, target, seeds=seeds)
     for i in range(len(points)):
-        noise = 0.15 * torch.randn((5, 3, 8, 8), generator=torch.Generator().manual_seed(int(seeds[i])),
-                                   dtype=torch.float64)
+        noise = sample_noise(int(seeds[i]), 5, (3, 8, 8), 0.15, dtype=torch.float64)
         expected = loss_gradients(model, points[i] + noise, target[i].expand(5)).mean(0) / 2.0
         torch.testing.assert_close(actual[i], expected)
 

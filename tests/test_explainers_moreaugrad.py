@@ -3,6 +3,7 @@ own guarantees: sparsity, group structure, the tol/accelerate solver options and
 
 import pytest
 import torch
+from noise_reference import sample_noise
 from test_explainers import _one_thread, softplus_cnn  # noqa: F401  (the fixture applies here too)
 from torch import nn
 
@@ -129,10 +130,9 @@ def test_regularised_mode_equals_algorithm_1_as_a_per_sample_loop():
                            internal_batch_size=4)
     actual = explainer.attribute(images, target, seeds=seeds)
     for i in range(2):
-        generator = torch.Generator().manual_seed(int(seeds[i]))
         z = images[i].clone()
-        for _ in range(steps):
-            noise = std * torch.randn((copies, 3, 8, 8), generator=generator, dtype=torch.float64)
+        for t in range(steps):
+            noise = sample_noise(int(seeds[i]), copies, (3, 8, 8), std, step=t, dtype=torch.float64)
             noisy = (z + noise).requires_grad_(True)
             mean_gradient = torch.autograd.grad(model(noisy)[:, target[i]].sum(), noisy)[0].mean(0)
             z = (1 - step / rho) * z - step * (mean_gradient - images[i] / rho)  # Algorithm 1's update

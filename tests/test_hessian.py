@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from noise_reference import sample_noise
 from torch import nn
 
 from mglightning.explainers.base import ClassScore
@@ -121,8 +122,7 @@ def test_noisy_operator_is_the_mean_dense_hessian_of_the_seeded_copies(problem):
     gradient, hvp = HessianOperator(fn, points, noise_std=std, noise_samples=copies, seeds=seeds)(vectors)
     expected_hvp, expected_gradient = [], []
     for i in range(BATCH):
-        generator = torch.Generator().manual_seed(int(seeds[i]))
-        noise = std * torch.randn((copies, *SHAPE), generator=generator, dtype=points.dtype)
+        noise = sample_noise(int(seeds[i]), copies, SHAPE, std, dtype=points.dtype)
         copies_i = points[i] + noise
         index = torch.full((copies,), i)
         hessians = torch.stack([dense_hessians(lambda z, _: fn(z, index[:1]), copy[None])[0] for copy in copies_i])

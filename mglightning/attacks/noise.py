@@ -7,13 +7,15 @@ from torch import Tensor, nn
 
 from mglightning.attacks._common import check_epsilon, check_images, predict, resolve_seeds
 from mglightning.attacks.base import Attack, AttackResult
+from mglightning.random import Stream, normal
 
 
 class GaussianNoise(Attack):
     """Add a random perturbation of L2 norm ``epsilon`` to each image (a weaker reference than the top-k attack).
 
-    Sample ``i`` gets the direction of a standard normal draw from its own seed ``seeds[i]`` (drawn on the CPU
-    in float64, so the noise does not depend on the batch, the device or the dtype), scaled to L2 norm
+    Sample ``i`` gets the direction of a standard normal draw from its own seed ``seeds[i]``
+    (``mglightning.random``, ``Stream.ATTACK``; drawn in float64 on the inputs' device, so the noise does not
+    depend on the batch, the device or the dtype beyond the final rounding), scaled to L2 norm
     ``epsilon``; the result is clamped to [0, 1], which can only shorten the perturbation. With an explainer
     given, the same label rule as :class:`TopKInterpretationAttack` applies to its model: a sample whose
     prediction changes is returned clean and reported as not moved. Without one every sample is moved.
@@ -64,14 +66,7 @@ class GaussianNoise(Attack):
         check_images(inputs)
         seeds = resolve_seeds(seeds, inputs.shape[0])
         clean = inputs.detach()
-        # One generator per sample (a loop over noise draws, not over the model) keeps sample i's noise a
-        # function of seeds[i] alone.
-        directions = torch.stack(
-            [
-                torch.randn(clean.shape[1:], generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
-                for seed in seeds.tolist()
-            ]
-        )
+        directions = normal(seeds.to(clean.device), clean.shape[1:], stream=Stream.ATTACK, dtype=torch.float64)
         directions = directions / directions.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         noisy = (clean + self.epsilon * directions.to(device=clean.device, dtype=clean.dtype)).clamp(0.0, 1.0)
         moved = (noisy != clean).flatten(1).any(dim=1)

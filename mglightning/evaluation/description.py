@@ -101,6 +101,7 @@ class RunDescription:
     seed: int
     warm_start: bool
     convexity_iterations: int
+    noise_protocol: str = ""  # the random-number generator of every noise draw (mglightning.random)
     bootstrap_samples: int = 1000
     grid_samples: int = 4
     versions: dict[str, str] = field(default_factory=dict)

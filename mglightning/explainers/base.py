@@ -11,12 +11,15 @@ import abc
 import inspect
 import math
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterator, Sequence
+from typing import Callable, ClassVar, Iterator, Literal, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from mglightning.random import Stream, normal
 
 SCORES = ("logit", "log_softmax", "softmax")
 
@@ -247,6 +250,14 @@ class Explainer(abc.ABC):
     def _objective(self, target: Tensor) -> ClassScore:
         return ClassScore(self.model, self.score, target)
 
+    def _rows_per_pass(
+        self, fn: Callable[[Tensor, Tensor], Tensor], inputs: Tensor, passes: float = 2.0
+    ) -> int | None:
+        """This call's chunk size: the method's `internal_batch_size`, `"auto"` resolved for `inputs`' device
+        (`resolve_internal_batch_size`; the probe's measurement is kept for later calls)."""
+        cache = self.__dict__.setdefault("_saved_bytes_per_row", {})
+        return resolve_internal_batch_size(self.internal_batch_size, fn, inputs, passes=passes, cache=cache)
+
     @classmethod
     def settings(cls) -> dict[str, object]:
         """The constructor's settings (everything but `model`) with their defaults."""
@@ -270,7 +281,7 @@ class _FiniteScoresCheck:
         self.done = False
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self.done or not isinstance(output, Tensor):
+        if self.done or not isinstance(output, Tensor) or _probing.get():
             return
         self.done = True
         check_finite_scores(output.detach(), self.model_name)
@@ -373,47 +384,6 @@ def format_seeds(seeds: Tensor | Sequence[int] | None, batch: int) -> Tensor | N
     return seeds.to(device="cpu", dtype=torch.long)
 
 
-def sample_generators(seeds: Tensor) -> list[torch.Generator]:
-    """One CPU generator per sample: noise drawn on the CPU is the same on every device."""
-    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-
-
-class NoiseRows:
-    """Gaussian noise for the rows `(sample 0, copy 0..S-1), (sample 1, copy 0..S-1), ...`, handed out in chunks.
-
-    Each sample's `S` copies are drawn in one call from that sample's own generator, whatever the chunk
-    boundaries, so the noise does not depend on the chunk size or on the other samples.
-
-    Args:
-        generators: the per-sample generators (see `sample_generators`).
-        sample_ids: which generators to draw from, in row order.
-        copies: `S`, the noise copies per sample.
-        std: the noise standard deviation.
-        like: a `(C, H, W)`-shaped tensor whose shape, dtype and device the noise takes.
-    """
-
-    def __init__(
-        self, generators: Sequence[torch.Generator], sample_ids: Sequence[int], copies: int, std: float, like: Tensor
-    ) -> None:
-        shape = (copies, *like.shape)
-        self._blocks = (torch.randn(shape, generator=generators[i], dtype=like.dtype).mul_(std) for i in sample_ids)
-        self._device = like.device
-        self._pending: list[Tensor] = []
-        self._pending_rows = 0
-
-    def take(self, rows: int) -> Tensor:
-        """The next `rows` noise rows, on the device."""
-        while self._pending_rows < rows:
-            block = next(self._blocks)
-            self._pending.append(block)
-            self._pending_rows += block.shape[0]
-        stacked = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
-        taken, rest = stacked[:rows], stacked[rows:]
-        self._pending = [rest] if rest.shape[0] else []
-        self._pending_rows = rest.shape[0]
-        return taken.to(self._device, non_blocking=True)
-
-
 def chunk_ranges(total: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
     """`(start, stop)` pairs covering `range(total)` in chunks of at most `chunk_size` (`None`: one chunk)."""
     step = total if chunk_size is None else chunk_size
@@ -432,44 +402,54 @@ def sum_noisy_gradients(
     points: Tensor,
     sample_ids: Tensor,
     *,
-    generators: Sequence[torch.Generator] | None,
+    seeds: Tensor | None,
     copies: int,
     std: float,
     chunk_size: int | None,
+    step: int = 0,
     create_graph: bool = False,
     transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """`sum_j transform(grad f_c(points[p] + n_pj))` for every point `p`, over `copies` noise draws.
 
-    The `len(points) * copies` model inputs are evaluated in chunks of at most `chunk_size` rows. Without
-    `generators` no noise is added (`copies` must then be 1): plain, chunked gradients.
+    The noise of point `p`'s copy `j` is `std * normal(seeds[sample_ids[p]], stream=Stream.NOISE, step=step,
+    copy_index=j)` (`mglightning.random`), drawn on the points' device chunk by chunk: it depends on the sample's
+    seed, the step and the copy only, not on the other points or the chunks. The `len(points) * copies` model
+    inputs are evaluated in chunks of at most `chunk_size` rows. Without `seeds` no noise is added (`copies` must
+    then be 1): plain, chunked gradients.
 
     Args:
         objective: the class score; row `r` uses the target of sample `sample_ids[p]`.
         points: `(P, C, H, W)` points, one per sample taking part.
-        sample_ids: `(P,)` long tensor: the sample (index into the batch) of each point.
-        generators: the batch's per-sample generators, or `None` for no noise.
+        sample_ids: `(P,)` long tensor on the points' device: the sample (index into the batch) of each point.
+        seeds: the batch's `(B,)` seeds (moved to the points' device if elsewhere: keep them there across
+            steps), or `None` for no noise.
         copies: noise draws per point.
         std: noise standard deviation.
         chunk_size: the most model inputs per forward/backward (`None`: all at once).
+        step: the solver step, which selects fresh noise (default 0).
         create_graph: keep the graph so the result is differentiable with respect to `points`.
         transform: optional function applied to each chunk of per-row gradients before summing.
     """
-    if generators is None and copies != 1:
+    if seeds is None and copies != 1:
         raise ValueError("Noise-free gradients take exactly one copy per point.")
-    if generators is None and (chunk_size is None or points.shape[0] <= chunk_size):
+    if seeds is None and (chunk_size is None or points.shape[0] <= chunk_size):
         # One chunk of the points themselves: skip the gather and scatter (the plain solver's every step).
         gradients = objective.gradient(points, sample_ids, create_graph=create_graph)
         return gradients if transform is None else transform(gradients)
-    noise = None
-    if generators is not None:
-        noise = NoiseRows(generators, sample_ids.tolist(), copies, std, points[0])
+    if seeds is not None:
+        seeds = seeds.to(points.device)
     total = torch.zeros_like(points)
     for start, stop in chunk_ranges(points.shape[0] * copies, chunk_size):
-        point_index = torch.arange(start, stop, device=points.device) // copies
+        row_index = torch.arange(start, stop, device=points.device)
+        point_index = row_index // copies
         rows = points[point_index]
-        if noise is not None:
-            rows = rows + noise.take(stop - start)
+        if seeds is not None:
+            noise = normal(
+                seeds[sample_ids[point_index]], points.shape[1:], stream=Stream.NOISE, step=step,
+                copy_index=row_index % copies, dtype=points.dtype,
+            )
+            rows = rows + noise.mul_(std)
         gradients = objective.gradient(rows, sample_ids[point_index], create_graph=create_graph)
         if transform is not None:
             gradients = transform(gradients)
@@ -494,6 +474,117 @@ def check_number(owner: str, name: str, value: object, *, positive: bool = True)
 
 
 def check_internal_batch_size(owner: str, value: object) -> None:
-    """Raise a `ValueError` naming `owner` unless `value` is `None` or a positive int."""
-    if value is not None:
-        check_positive_int(owner, "internal_batch_size", value)
+    """Raise a `ValueError` naming `owner` unless `value` is `None`, `"auto"` or a positive int."""
+    if value is None or (isinstance(value, str) and value == AUTO):
+        return
+    if isinstance(value, str):
+        raise ValueError(f"{owner}: internal_batch_size must be an integer >= 1, 'auto' or None, got {value!r}.")
+    check_positive_int(owner, "internal_batch_size", value)
+
+
+# --- internal_batch_size="auto" ---------------------------------------------------------------------------
+
+AUTO = "auto"
+InternalBatchSize = Union[int, Literal["auto"], None]
+"""The type of the explainers' `internal_batch_size`: rows per pass, `"auto"` (`resolve_internal_batch_size`) or
+`None` (all rows at once)."""
+
+AUTO_CPU_ROWS = 256
+"""`"auto"` off CUDA: a CPU runs no faster on larger passes, and this bounds the host memory."""
+AUTO_MEMORY_SHARE = 0.5
+"""`"auto"` on CUDA: the share of the available device memory that one pass may take."""
+AUTO_MAX_ROWS = 65536
+_NOISE_BYTES_PER_ELEMENT = 32  # a noisy row's Philox words, uniforms and normals while they are drawn
+_PROBE_ROWS = 2
+_probing: ContextVar[bool] = ContextVar("probing", default=False)
+
+
+def resolve_internal_batch_size(
+    value: InternalBatchSize,
+    fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    *,
+    passes: float = 2.0,
+    available_bytes: int | None = None,
+    cache: dict | None = None,
+) -> int | None:
+    """The rows per model pass that `internal_batch_size=value` means for rows shaped like `inputs[0]`.
+
+    An int or `None` (all at once) is returned as it is. `"auto"`:
+
+    - on a CUDA device, `floor(AUTO_MEMORY_SHARE * available / row_bytes)` rows, at least 1 and at most
+      `AUTO_MAX_ROWS`, with `available` the device's free memory (`torch.cuda.mem_get_info`) plus what PyTorch's
+      allocator holds unused, and `row_bytes = passes * S + 32 * elements` per row: `S` the bytes of the tensors
+      a forward pass of `fn` saves for its backward pass, measured once on two copies of `inputs[0]` (the
+      model's parameters not counted), `passes` 2 for gradients (the backward pass's buffers at most as large
+      again) and 4 for Hessian-vector products, plus the noise being drawn;
+    - on any other device, `AUTO_CPU_ROWS` (256).
+
+    The chunks never change a map beyond float rounding (the noise does not depend on them), but the chosen
+    size depends on the memory free at the time: set an int for bit-identical reruns, or a smaller one if a
+    pass runs out of memory (the rule's estimate has not been checked on a GPU yet).
+
+    Args:
+        value: the `internal_batch_size` setting.
+        fn: `fn(rows, sample_index) -> (N,)`, the per-row score the passes differentiate (e.g. `ClassScore`).
+        inputs: `(B, C, H, W)` inputs of the call (only `inputs[0]`, its device and dtype are used).
+        passes: the multiple of `S` one row holds at the peak of a pass (2: gradients, 4: Hessian-vector products).
+        available_bytes: the device memory to plan for, instead of asking the device (on any device).
+        cache: a dict that keeps `S` between calls (keyed by the row shape, dtype and device).
+
+    Example:
+        >>> resolve_internal_batch_size("auto", ClassScore(model, "logit", labels), images)   # CPU: 256
+        256
+    """
+    if value != AUTO:
+        return value
+    if available_bytes is None:
+        available_bytes = _available_device_bytes(inputs.device)
+        if available_bytes is None:
+            return AUTO_CPU_ROWS
+    key = (tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
+    saved = None if cache is None else cache.get(key)
+    if saved is None:
+        saved = saved_bytes_per_row(fn, inputs[:1].detach().expand(_PROBE_ROWS, *inputs.shape[1:]))
+        if cache is not None:
+            cache[key] = saved
+    row_bytes = passes * saved + _NOISE_BYTES_PER_ELEMENT * inputs[0].numel()
+    return int(min(AUTO_MAX_ROWS, max(1, AUTO_MEMORY_SHARE * available_bytes // row_bytes)))
+
+
+def saved_bytes_per_row(fn: Callable[[Tensor, Tensor], Tensor], rows: Tensor) -> float:
+    """The bytes of the tensors that a forward pass of `fn` on `rows` saves for its backward pass, per row.
+
+    Counted with `torch.autograd.graph.saved_tensors_hooks`, each storage once; storages of the model's
+    parameters (`fn.model`) are not counted, they do not grow with the rows.
+
+    Example:
+        >>> saved_bytes_per_row(ClassScore(model, "logit", labels), images[:2])   # CIFAR-10's ResNet-18: 6.9e6
+    """
+    model = getattr(fn, "model", None)
+    parameters = set() if model is None else {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    points = rows.detach().clone().requires_grad_(True)
+    token = _probing.set(True)  # the probe is not the call's first pass: the finite-scores check waits
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            fn(points, torch.zeros(points.shape[0], dtype=torch.long, device=points.device))
+    finally:
+        _probing.reset(token)
+    return sum(storages.values()) / points.shape[0]
+
+
+def _available_device_bytes(device: torch.device) -> int | None:
+    """The memory a CUDA device has for new tensors: free, plus held unused by PyTorch's allocator; `None` for
+    other devices."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 
 from mglightning.explainers.base import (
     Explainer,
+    InternalBatchSize,
     check_internal_batch_size,
     check_number,
     check_positive_int,
     graph_inputs,
-    sample_generators,
     sum_noisy_gradients,
 )
 from mglightning.explainers.hessian import ClassCrossEntropy, HessianOperator
@@ -56,7 +56,7 @@ class _SecondOrderBase(Explainer):
         group_size: int | None,
         noise_std: float,
         noise_samples: int,
-        internal_batch_size: int | None,
+        internal_batch_size: InternalBatchSize,
         score: str,
     ) -> None:
         super().__init__(model, score)
@@ -128,8 +128,8 @@ class CAFO(_SecondOrderBase):
         noise_std: smoothing noise in [0, 1] pixel units; 0 (default) is no smoothing, the reference smooths
             with 0.15 (of the image range).
         noise_samples: noisy copies when `noise_std > 0` (default 16, the reference's).
-        internal_batch_size: the most model inputs per forward/backward; `None` evaluates all at once
-            (default 256).
+        internal_batch_size: the most model inputs per forward/backward; `"auto"` (default: fill the free
+            memory on CUDA, 256 elsewhere) or `None` (all at once).
         score: must be `log_softmax`: the loss is the cross-entropy, minus the log-softmax score (an attack's
             simple-gradient surrogate explains the same score).
 
@@ -148,7 +148,7 @@ class CAFO(_SecondOrderBase):
         group_size: int | None = None,
         noise_std: float = 0.0,
         noise_samples: int = 16,
-        internal_batch_size: int | None = 256,
+        internal_batch_size: InternalBatchSize = "auto",
         score: str = "log_softmax",
     ) -> None:
         super().__init__(model, lambda1, lambda2, group_size, noise_std, noise_samples, internal_batch_size, score)
@@ -160,14 +160,15 @@ class CAFO(_SecondOrderBase):
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
         points = graph_inputs(inputs) if create_graph else inputs.detach()
         batch = inputs.shape[0]
+        loss = ClassCrossEntropy(self.model, target)
         summed = sum_noisy_gradients(
-            ClassCrossEntropy(self.model, target),
+            loss,
             points,
             torch.arange(batch, device=inputs.device),
-            generators=sample_generators(seeds) if self.uses_noise else None,
+            seeds=seeds if self.uses_noise else None,
             copies=self.copies,
             std=self.noise_std,
-            chunk_size=self.internal_batch_size,
+            chunk_size=self._rows_per_pass(loss, inputs),
             create_graph=create_graph,
         )
         self.last_sample_gradient_evaluations = torch.full((batch,), self.copies, dtype=torch.long)
@@ -211,7 +212,8 @@ class CASO(_SecondOrderBase):
         noise_std: smoothing noise in [0, 1] pixel units; 0 (default) is no smoothing, the reference smooths
             with 0.15 (of the image range).
         noise_samples: noisy copies when `noise_std > 0` (default 16, the reference's).
-        internal_batch_size: the most model inputs per pass; `None` evaluates all at once (default 256).
+        internal_batch_size: the most model inputs per pass; `"auto"` (default: fill the free memory on CUDA,
+            256 elsewhere; a Hessian-vector product's row is planned at twice a gradient's) or `None` (all at once).
         score: must be `log_softmax`: the loss is the cross-entropy, minus the log-softmax score (the attack's
             simple-gradient surrogate explains the same score).
 
@@ -237,7 +239,7 @@ class CASO(_SecondOrderBase):
         group_size: int | None = None,
         noise_std: float = 0.0,
         noise_samples: int = 16,
-        internal_batch_size: int | None = 256,
+        internal_batch_size: InternalBatchSize = "auto",
         score: str = "log_softmax",
     ) -> None:
         super().__init__(model, lambda1, lambda2, group_size, noise_std, noise_samples, internal_batch_size, score)
@@ -256,10 +258,11 @@ class CASO(_SecondOrderBase):
         return True  # the power iteration's starting vectors are random even without smoothing
 
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+        loss = ClassCrossEntropy(self.model, target)
         operator = HessianOperator(
-            ClassCrossEntropy(self.model, target),
+            loss,
             inputs,
-            internal_batch_size=self.internal_batch_size,
+            internal_batch_size=self._rows_per_pass(loss, inputs, passes=4.0),
             noise_std=self.noise_std,
             noise_samples=self.noise_samples,
             seeds=seeds,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mglightning.explainers.base import (
     SCORES,
     ClassScore,
+    InternalBatchSize,
     check_inputs,
     check_internal_batch_size,
     check_number,
@@ -107,7 +108,7 @@ def local_convexity(
     noise_std: float = 0.0,
     noise_samples: int = 1,
     seeds: Tensor | None = None,
-    internal_batch_size: int | None = 256,
+    internal_batch_size: InternalBatchSize = "auto",
 ) -> ConvexityDiagnostic:
     """Estimate each sample's local weak-convexity `lambda` and whether MoreauGrad's `rho < 1 / lambda` holds.
 
@@ -129,7 +130,8 @@ def local_convexity(
         noise_samples: noisy copies per sample when `noise_std > 0`.
         seeds: `(B,)` integer tensor; sample `i`'s starting vector and noise come from `seeds[i]` only (`None`:
             drawn from torch's global RNG).
-        internal_batch_size: the most model input rows per pass; `None` evaluates all at once (default 256).
+        internal_batch_size: the most model input rows per pass; `"auto"` (default: fill the free memory on CUDA,
+            256 elsewhere) or `None` (all at once).
 
     Returns:
         A `ConvexityDiagnostic`.

@@ -7,12 +7,12 @@ from torch import Tensor, nn
 
 from mglightning.explainers.base import (
     Explainer,
+    InternalBatchSize,
     check_internal_batch_size,
     check_number,
     check_positive_int,
     chunk_ranges,
     graph_inputs,
-    sample_generators,
     sum_noisy_gradients,
 )
 
@@ -61,7 +61,8 @@ class IntegratedGradients(Explainer):
         model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
         n_steps: `m`, the points on the path from the baseline to the input (default 50).
         internal_batch_size: the most model inputs per forward/backward (the `B * m` path points are
-            chunked); `None` evaluates them all at once (default 256).
+            chunked); `"auto"` (default: fill the free memory on CUDA, 256 elsewhere; see
+            `resolve_internal_batch_size`) or `None` (all at once).
         score: `logit` (default), `log_softmax` or `softmax`.
 
     Example:
@@ -73,7 +74,7 @@ class IntegratedGradients(Explainer):
     family = "gradient"
 
     def __init__(
-        self, model: nn.Module, n_steps: int = 50, internal_batch_size: int | None = 256, score: str = "logit"
+        self, model: nn.Module, n_steps: int = 50, internal_batch_size: InternalBatchSize = "auto", score: str = "logit"
     ) -> None:
         super().__init__(model, score)
         check_positive_int(type(self).__name__, "n_steps", n_steps)
@@ -86,8 +87,9 @@ class IntegratedGradients(Explainer):
         inputs = graph_inputs(inputs) if create_graph else inputs.detach()
         steps = self.n_steps
         summed = torch.zeros_like(inputs)
+        chunk_size = self._rows_per_pass(objective, inputs)
         # Rows are (sample, step) pairs, sample-major; row r is the point (r % m + 1) / m * x[r // m].
-        for start, stop in chunk_ranges(inputs.shape[0] * steps, self.internal_batch_size):
+        for start, stop in chunk_ranges(inputs.shape[0] * steps, chunk_size):
             rows = torch.arange(start, stop, device=inputs.device)
             sample_index = rows // steps
             alphas = ((rows % steps) + 1).to(inputs.dtype) / steps
@@ -101,15 +103,15 @@ class IntegratedGradients(Explainer):
 class SmoothGrad(Explainer):
     """SmoothGrad (Smilkov et al. 2017): the mean of `grad f_c(x + n_i)` over draws `n_i ~ N(0, stdevs^2 I)`.
 
-    Sample `i`'s noise is `stdevs * torch.randn((nt_samples, C, H, W), generator=g)` with
-    `g = torch.Generator().manual_seed(seeds[i])`, drawn on the CPU, so it is the same on every device.
+    Sample `i`'s copy `j` is `x_i + stdevs * normal(seeds[i], stream=Stream.NOISE, step=0, copy_index=j)`
+    (`mglightning.random`, drawn on the inputs' device), the same whatever the batch, the chunks or the device.
 
     Args:
         model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
         stdevs: noise standard deviation in [0, 1] pixel units (default 0.15, the paper's 10-20% of the range).
         nt_samples: noise draws per sample (default 50).
         internal_batch_size: the most model inputs per forward/backward (the `B * nt_samples` noisy copies
-            are chunked); `None` evaluates them all at once (default 256).
+            are chunked); `"auto"` (default: fill the free memory on CUDA, 256 elsewhere) or `None` (all at once).
         score: `logit` (default), `log_softmax` or `softmax`.
 
     Example:
@@ -125,7 +127,7 @@ class SmoothGrad(Explainer):
         model: nn.Module,
         stdevs: float = 0.15,
         nt_samples: int = 50,
-        internal_batch_size: int | None = 256,
+        internal_batch_size: InternalBatchSize = "auto",
         score: str = "logit",
     ) -> None:
         super().__init__(model, score)
@@ -143,14 +145,15 @@ class SmoothGrad(Explainer):
 
     def _noisy_mean(self, inputs: Tensor, target: Tensor, seeds: Tensor, create_graph: bool, transform=None) -> Tensor:
         inputs = graph_inputs(inputs) if create_graph else inputs.detach()
+        objective = self._objective(target)
         summed = sum_noisy_gradients(
-            self._objective(target),
+            objective,
             inputs,
             torch.arange(inputs.shape[0], device=inputs.device),
-            generators=sample_generators(seeds),
+            seeds=seeds,
             copies=self.nt_samples,
             std=self.stdevs,
-            chunk_size=self.internal_batch_size,
+            chunk_size=self._rows_per_pass(objective, inputs),
             create_graph=create_graph,
             transform=transform,
         )
@@ -194,8 +197,8 @@ class SparsifiedSmoothGrad(SmoothGrad):
         nt_samples: noise draws per sample (default 256, the official comparison).
         flatten: share of entries above which magnitudes are capped (default 0.01).
         l0: share of entries kept per copy (default 0.1).
-        internal_batch_size: the most model inputs per forward/backward; `None` evaluates all at once
-            (default 256).
+        internal_batch_size: the most model inputs per forward/backward; `"auto"` (default) or `None` (all at
+            once), as in `SmoothGrad`.
         score: `logit` (default), `log_softmax` or `softmax`.
 
     Example:
@@ -215,7 +218,7 @@ class SparsifiedSmoothGrad(SmoothGrad):
         nt_samples: int = 256,
         flatten: float = 0.01,
         l0: float = 0.1,
-        internal_batch_size: int | None = 256,
+        internal_batch_size: InternalBatchSize = "auto",
         score: str = "logit",
     ) -> None:
         super().__init__(model, stdevs, nt_samples, internal_batch_size, score)

@@ -30,14 +30,15 @@ from torch import Tensor, nn
 
 from mglightning.explainers.base import (
     ClassScore,
-    NoiseRows,
+    InternalBatchSize,
     check_internal_batch_size,
     check_number,
     check_positive_int,
     chunk_ranges,
     format_seeds,
-    sample_generators,
+    resolve_internal_batch_size,
 )
+from mglightning.random import Stream, normal, uniform
 
 ScalarFunction = Callable[[Tensor, Tensor], Tensor]
 """`fn(points, sample_index) -> (N,)`: one scalar per row; row `r` belongs to sample `sample_index[r]`."""
@@ -129,8 +130,8 @@ class HessianOperator:
     """`v -> H_i v_i` for every sample `i`, with `H_i` the Hessian of `fn` at `points[i]`, or its mean over seeded
     noisy copies `points[i] + n_ij`, `n_ij ~ N(0, noise_std^2 I)`, `j < noise_samples`.
 
-    Sample `i`'s noise is `noise_std * torch.randn((noise_samples, *shape), generator=g)` with
-    `g = torch.Generator().manual_seed(seeds[i])` (the draws of `SmoothGrad` and `MoreauGrad`), and every product
+    Sample `i`'s copy `j` is `points[i] + noise_std * normal(seeds[i], stream=Stream.NOISE, step=0,
+    copy_index=j)` (`mglightning.random`: `SmoothGrad`'s copies, drawn on the points' device), and every product
     uses the same copies, so the averaged Hessian is one fixed linear operator.
 
     Memory and work: when all `B * noise_samples` model input rows fit in one chunk (`internal_batch_size`), the
@@ -147,7 +148,9 @@ class HessianOperator:
     Args:
         fn: `fn(points, sample_index) -> (N,)`, one scalar per row (e.g. `ClassScore`, `ClassCrossEntropy`).
         points: `(B, ...)` points, one per sample.
-        internal_batch_size: the most model input rows per pass; `None` evaluates all at once.
+        internal_batch_size: the most model input rows per pass; `None` evaluates all at once (default);
+            `"auto"` fills the free memory on CUDA (a row planned at 4 times the tensors its forward pass saves)
+            and takes 256 elsewhere (`resolve_internal_batch_size`).
         noise_std: standard deviation of the noisy copies; 0 (default) uses the points themselves.
         noise_samples: noisy copies per sample when `noise_std > 0` (default 1).
         seeds: `(B,)` integer tensor, sample `i`'s noise comes from `seeds[i]` only; needed when `noise_std > 0`.
@@ -163,7 +166,7 @@ class HessianOperator:
         fn: ScalarFunction,
         points: Tensor,
         *,
-        internal_batch_size: int | None = None,
+        internal_batch_size: InternalBatchSize = None,
         noise_std: float = 0.0,
         noise_samples: int = 1,
         seeds: Tensor | None = None,
@@ -177,15 +180,20 @@ class HessianOperator:
             raise ValueError(f"{owner}: noisy copies (noise_std > 0) need seeds, one per sample.")
         self.fn = fn
         self.points = points.detach()
-        self.internal_batch_size = internal_batch_size
+        self.internal_batch_size = resolve_internal_batch_size(internal_batch_size, fn, self.points, passes=4.0)
         self.noise_std = noise_std
         self.copies = noise_samples if noise_std > 0 else 1
-        self.seeds = seeds
-        self.sample_gradient_evaluations = torch.zeros(points.shape[0], dtype=torch.long)
+        self.seeds = seeds if seeds is None else seeds.to(self.points.device)
+        self._evaluations = torch.zeros(points.shape[0], dtype=torch.long, device=self.points.device)
         rows = points.shape[0] * self.copies
-        self.reuses_graph = internal_batch_size is None or rows <= internal_batch_size
+        self.reuses_graph = self.internal_batch_size is None or rows <= self.internal_batch_size
         self._gradient: Tensor | None = None
         self._graph: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @property
+    def sample_gradient_evaluations(self) -> Tensor:
+        """`(B,)` long CPU tensor, the gradient evaluations spent on each sample so far."""
+        return self._evaluations.cpu()
 
     def _broadcast(self, values: Tensor) -> Tensor:
         """`(S,)` per-sample values viewed to multiply `(S, ...)` tensors."""
@@ -213,13 +221,12 @@ class HessianOperator:
             raise ValueError(
                 f"vectors must be shaped like the selected points {tuple(points.shape)}, got {tuple(vectors.shape)}."
             )
-        selected = torch.arange(points.shape[0]) if samples is None else samples.cpu()
-        self.sample_gradient_evaluations.index_add_(
-            0, selected, torch.full((selected.numel(),), 2 * self.copies, dtype=torch.long)
-        )
+        selected = torch.arange(points.shape[0], device=points.device) if samples is None else samples
+        # Counted on the device: a product never waits for it (the count is read once, when asked for).
+        self._evaluations.index_add_(0, selected, torch.full_like(selected, 2 * self.copies))
         if self.reuses_graph:
             return self._reused_graph_products(vectors, samples)
-        gradient, hvp = self._chunked_products(points, vectors, selected.to(points.device))
+        gradient, hvp = self._chunked_products(points, vectors, selected)
         if samples is None:
             self._gradient = gradient
         return gradient, hvp
@@ -227,14 +234,15 @@ class HessianOperator:
     def _noisy_rows(self, points: Tensor, samples: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         """`(index, rows)` chunks of the rows `points[index] (+ noise)`, `index` the position in `points`."""
         copies = self.copies
-        noise = None
-        if self.noise_std > 0:
-            generators = sample_generators(self.seeds[samples.cpu()])
-            noise = NoiseRows(generators, range(len(generators)), copies, self.noise_std, points[0])
         for start, stop in chunk_ranges(points.shape[0] * copies, self.internal_batch_size):
-            index = torch.arange(start, stop, device=points.device) // copies
+            row_index = torch.arange(start, stop, device=points.device)
+            index = row_index // copies
             rows = points[index]
-            yield index, rows if noise is None else rows + noise.take(stop - start)
+            if self.noise_std > 0:
+                noise = normal(self.seeds[samples[index]], points.shape[1:], stream=Stream.NOISE,
+                               copy_index=row_index % copies, dtype=points.dtype)
+                rows = rows + noise.mul_(self.noise_std)
+            yield index, rows
 
     def _chunked_products(self, points: Tensor, vectors: Tensor, samples: Tensor) -> tuple[Tensor, Tensor]:
         gradient, hvp = torch.zeros_like(points), torch.zeros_like(points)
@@ -277,11 +285,9 @@ class HessianOperator:
 
     def start_vectors(self, seeds: Tensor) -> Tensor:
         """Unit-norm power-iteration starts: sample `i`'s is uniform in `[-0.5, 0.5]` (as the reference's), drawn
-        from `seeds[i]`."""
-        shape = self.points.shape[1:]
-        starts = torch.stack(
-            [torch.rand(shape, generator=g, dtype=self.points.dtype) - 0.5 for g in sample_generators(seeds)]
-        ).to(self.points.device)
+        from `seeds[i]` (`Stream.POWER_ITERATION`, on the points' device)."""
+        seeds = seeds.to(self.points.device)
+        starts = uniform(seeds, self.points.shape[1:], stream=Stream.POWER_ITERATION, dtype=self.points.dtype) - 0.5
         return starts / self._broadcast(torch.linalg.vector_norm(starts.flatten(1), dim=1))
 
     def power_iteration(
@@ -355,7 +361,7 @@ def largest_eigenvalue(
     num_iterations: int = 20,
     seeds: Tensor | None = None,
     *,
-    internal_batch_size: int | None = None,
+    internal_batch_size: InternalBatchSize = None,
 ) -> EigenEstimate:
     """The algebraically largest eigenvalue of the Hessian of `fn` at each point, by power iteration on HVPs.
 
@@ -364,7 +370,8 @@ def largest_eigenvalue(
         points: `(B, ...)` points.
         num_iterations: Hessian-vector products per power iteration (default 20).
         seeds: `(B,)` integer tensor, sample `i`'s starting vector comes from `seeds[i]` only.
-        internal_batch_size: the most model input rows per pass (`None`: all at once).
+        internal_batch_size: the most model input rows per pass (`None`: all at once; `"auto"`: as in
+            `HessianOperator`).
 
     Returns:
         An `EigenEstimate`: `.values` is `(B,)`, `.sample_gradient_evaluations` the cost per sample.
@@ -383,7 +390,7 @@ def smallest_eigenvalue(
     num_iterations: int = 20,
     seeds: Tensor | None = None,
     *,
-    internal_batch_size: int | None = None,
+    internal_batch_size: InternalBatchSize = None,
 ) -> EigenEstimate:
     """The algebraically smallest (most negative) eigenvalue of the Hessian of `fn` at each point.
 
@@ -395,7 +402,8 @@ def smallest_eigenvalue(
         points: `(B, ...)` points.
         num_iterations: Hessian-vector products per power iteration (default 20).
         seeds: `(B,)` integer tensor, sample `i`'s starting vector comes from `seeds[i]` only.
-        internal_batch_size: the most model input rows per pass (`None`: all at once).
+        internal_batch_size: the most model input rows per pass (`None`: all at once; `"auto"`: as in
+            `HessianOperator`).
 
     Returns:
         An `EigenEstimate`: `.values` is `(B,)`, `.sample_gradient_evaluations` the cost per sample.

@@ -19,13 +19,13 @@ from mglightning.explainers.base import (
     ClassScore,
     Explainer,
     Explanation,
+    InternalBatchSize,
     check_inputs,
     check_internal_batch_size,
     check_number,
     check_positive_int,
     format_target,
     graph_inputs,
-    sample_generators,
     sum_noisy_gradients,
 )
 from mglightning.explainers.implicit import (
@@ -81,7 +81,9 @@ class MoreauGrad(Explainer):
     `g_t = grad f_c(z_t)`; in regularised mode (`noise_std > 0`, the default) `g_t` is the mean of
     `grad f_c(z_t + n)` over `noise_samples` fresh draws `n ~ N(0, noise_std^2 I)` per step. The whole batch is
     optimised at once with per-sample targets, no graph is kept between steps, and the noisy copies are
-    evaluated in chunks of at most `internal_batch_size` rows. Sample `i`'s noise comes from `seeds[i]` only.
+    evaluated in chunks of at most `internal_batch_size` rows. Sample `i`'s noise at step `t` comes from
+    `seeds[i]` and `t` only (`mglightning.random`, drawn on the inputs' device); without `tol` a solve never
+    waits for the device, with `tol` once per window (the stopping decision).
 
     Beyond the paper:
 
@@ -130,8 +132,9 @@ class MoreauGrad(Explainer):
         noise_samples: noise draws per step in regularised mode (default 32).
         average_last: return the mean of the last `k` iterates instead of the last one (the official code
             uses 101); 0 (default) is Algorithm 1's output. Needs a fixed step count, so not with `tol`.
-        internal_batch_size: the most model inputs per forward/backward; `None` evaluates all at once
-            (default 256).
+        internal_batch_size: the most model inputs per forward/backward; `"auto"` (default) fills the device's
+            free memory on CUDA and takes 256 elsewhere (`resolve_internal_batch_size`); `None` evaluates all at
+            once.
         tol: relative stopping tolerance on the window means, or `None` (default) to run all `num_steps`.
         tol_window: steps per window `W` of the stopping rule in regularised mode (default 10); plain mode
             compares single steps.
@@ -171,7 +174,7 @@ class MoreauGrad(Explainer):
         noise_std: float = 0.1,
         noise_samples: int = 32,
         average_last: int = 0,
-        internal_batch_size: int | None = 256,
+        internal_batch_size: InternalBatchSize = "auto",
         tol: float | None = None,
         tol_window: int = 10,
         accelerate: bool = False,
@@ -273,17 +276,19 @@ class MoreauGrad(Explainer):
         return self._explain(inputs, target, seeds, create_graph, None).attribution
 
     def _mean_gradient(
-        self, points: Tensor, sample_ids: Tensor, objective: ClassScore, generators: list[torch.Generator] | None
+        self, points: Tensor, sample_ids: Tensor, objective: ClassScore, seeds: Tensor | None, step: int,
+        chunk_size: int | None,
     ) -> Tensor:
-        copies = self.noise_samples if generators is not None else 1
+        copies = self.noise_samples if seeds is not None else 1
         summed = sum_noisy_gradients(
             objective,
             points,
             sample_ids,
-            generators=generators,
+            seeds=seeds,
             copies=copies,
             std=self.noise_std,
-            chunk_size=self.internal_batch_size,
+            chunk_size=chunk_size,
+            step=step,
         )
         return summed / copies
 
@@ -295,7 +300,9 @@ class MoreauGrad(Explainer):
         if self.autocast or self.channels_last:
             model = _SolverPasses(model, self.autocast, self.channels_last)
         objective = ClassScore(model, self.score, target)
-        generators = sample_generators(seeds) if self.uses_noise else None
+        chunk_size = self._rows_per_pass(objective, inputs)
+        # On the device once: every step draws its noise there from them.
+        seeds = seeds.to(inputs.device) if self.uses_noise else None
         copies = self.noise_samples if self.uses_noise else 1
         step = self.step_size
         displacement = torch.zeros_like(inputs) if initial is None else initial.clone()
@@ -304,6 +311,7 @@ class MoreauGrad(Explainer):
         averaged = torch.zeros_like(inputs) if self.average_last else None
         iterations = torch.full((batch,), self.num_steps, dtype=torch.long)
         active = torch.arange(batch, device=inputs.device)
+        active_on_host = torch.arange(batch)  # the same samples, to record their steps without reading the device
         # The stopping rule's window means: m_0 is the start, each window of W steps is summed and compared.
         window = self.tol_window if self.uses_noise else 1
         if self.tol is not None:
@@ -317,7 +325,7 @@ class MoreauGrad(Explainer):
             else:
                 points, current, t = inputs[active], displacement[active], momentum_t[active]
                 start = extrapolated[active] if self.accelerate else current
-            gradient = self._mean_gradient(points + start, active, objective, generators)
+            gradient = self._mean_gradient(points + start, active, objective, seeds, iteration, chunk_size)
             updated = self._prox(start - step * (gradient + start / self.rho), step)
             if self.accelerate:
                 next_start, t = _fista_extrapolation(start, current, updated, t)
@@ -345,11 +353,14 @@ class MoreauGrad(Explainer):
             moved = torch.linalg.vector_norm((mean - previous_mean[active]).flatten(1), dim=1)
             converged = moved <= self.tol * torch.linalg.vector_norm(mean.flatten(1), dim=1)
             previous_mean[active] = mean
-            if converged.any():
-                iterations[active[converged].cpu()] = iteration + 1
-                active = active[~converged]
-                if active.numel() == 0:
+            flags = converged.tolist()  # the window's decision: the solve's one wait for the device
+            if any(flags):
+                converged = torch.tensor(flags)
+                iterations[active_on_host[converged]] = iteration + 1
+                active_on_host = active_on_host[~converged]
+                if active_on_host.numel() == 0:
                     break
+                active = active_on_host.to(inputs.device)
 
         self.last_iterations = iterations
         self.last_sample_gradient_evaluations = iterations * copies
@@ -424,7 +435,7 @@ class SparseMoreauGrad(MoreauGrad):
         noise_samples: int = 32,
         eta: float = 5e-3,
         average_last: int = 0,
-        internal_batch_size: int | None = 256,
+        internal_batch_size: InternalBatchSize = "auto",
         tol: float | None = None,
         tol_window: int = 10,
         accelerate: bool = False,
@@ -484,7 +495,7 @@ class GroupSparseMoreauGrad(MoreauGrad):
         eta: float = 5e-2,
         group_size: int = 14,
         average_last: int = 0,
-        internal_batch_size: int | None = 256,
+        internal_batch_size: InternalBatchSize = "auto",
         tol: float | None = None,
         tol_window: int = 10,
         accelerate: bool = False,

@@ -8,14 +8,14 @@ from torch import Tensor, nn
 from mglightning.explainers.base import (
     ClassScore,
     Explainer,
-    NoiseRows,
+    InternalBatchSize,
     check_internal_batch_size,
     check_number,
     check_positive_int,
     chunk_ranges,
-    sample_generators,
 )
 from mglightning.explainers.gradients import record_gradient_evaluations
+from mglightning.random import Stream, normal, uniform
 
 # Keeps log(1 - p) finite when the background score reaches 1 (the official code's constant).
 _LOG_EPS = 1e-7
@@ -29,8 +29,9 @@ class RelEx(Explainer):
     `-log p_c(x~ * m) - lambda2 * log(1 - p_c(x~ * (1 - m)) + 1e-7)`, plus `lambda1 * ||m||_1`. The mask starts
     uniform in [0, 0.01), and each of the `num_steps` SGD steps (momentum `momentum`, rate `lr`) uses the loss
     gradient divided by its L2 norm, then clips `m` to [0, 1] (as in the official code). The map is `m` repeated
-    over the channels. Sample `i`'s initial mask and noise come from `seeds[i]`; the mask optimisation is not
-    differentiable, so an attack uses the surrogate `simple_gradient`.
+    over the channels. Sample `i`'s initial mask (`Stream.RELEX_MASK`) and its noise at step `t`
+    (`Stream.NOISE`, step `t`) come from `seeds[i]` (`mglightning.random`, drawn on the inputs' device); the mask
+    optimisation is not differentiable, so an attack uses the surrogate `simple_gradient`.
 
     Args:
         model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
@@ -42,7 +43,8 @@ class RelEx(Explainer):
         lambda1: L1 coefficient of the mask (default 1e-4).
         lambda2: weight of the background term (default 1).
         internal_batch_size: the most model inputs per forward/backward (each noisy copy is evaluated twice,
-            masked and inverse-masked); `None` evaluates all at once (default 256).
+            masked and inverse-masked); `"auto"` (default: fill the free memory on CUDA, 256 elsewhere) or
+            `None` (all at once).
         score: must be `softmax`: RelEx's loss is defined on class probabilities.
 
     Example:
@@ -65,7 +67,7 @@ class RelEx(Explainer):
         momentum: float = 0.99,
         lambda1: float = 1e-4,
         lambda2: float = 1.0,
-        internal_batch_size: int | None = 256,
+        internal_batch_size: InternalBatchSize = "auto",
         score: str = "softmax",
     ) -> None:
         super().__init__(model, score)
@@ -100,14 +102,15 @@ class RelEx(Explainer):
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
         inputs = inputs.detach()
         batch, _, height, width = inputs.shape
-        generators = sample_generators(seeds)
-        mask = torch.stack(
-            [torch.rand((1, height, width), generator=generator, dtype=inputs.dtype) for generator in generators]
-        ).to(inputs.device) / 100
+        seeds = seeds.to(inputs.device)
+        mask = uniform(seeds, (1, height, width), stream=Stream.RELEX_MASK, dtype=inputs.dtype) / 100
         velocity = torch.zeros_like(mask)
         objective = self._objective(target)
-        for _ in range(self.num_steps):
-            gradient = self._loss_gradient(inputs, mask, objective, generators)
+        # Each noisy copy is two model inputs (masked and inverse-masked).
+        rows = self._rows_per_pass(objective, inputs)
+        copies_per_chunk = None if rows is None else max(1, rows // 2)
+        for step in range(self.num_steps):
+            gradient = self._loss_gradient(inputs, mask, objective, seeds, step, copies_per_chunk)
             norm = torch.linalg.vector_norm(gradient.flatten(1), dim=1).clamp_min(torch.finfo(mask.dtype).tiny)
             velocity = self.momentum * velocity + gradient / norm.view(-1, 1, 1, 1)
             mask = (mask - self.lr * velocity).clamp(0, 1)
@@ -116,19 +119,20 @@ class RelEx(Explainer):
         return mask.expand_as(inputs).clone()
 
     def _loss_gradient(
-        self, inputs: Tensor, mask: Tensor, objective: ClassScore, generators: list[torch.Generator]
+        self, inputs: Tensor, mask: Tensor, objective: ClassScore, seeds: Tensor, step: int,
+        copies_per_chunk: int | None,
     ) -> Tensor:
         """Gradient of every sample's loss with respect to its mask, the noisy copies evaluated in chunks."""
         copies = self.noise_samples
         batch = inputs.shape[0]
         mask = mask.detach().requires_grad_(True)
-        noise = NoiseRows(generators, range(batch), copies, self.noise_std, inputs[0])
-        # Each noisy copy is two model inputs (masked and inverse-masked).
-        rows_per_chunk = None if self.internal_batch_size is None else max(1, self.internal_batch_size // 2)
         gradient = torch.zeros_like(mask)
-        for start, stop in chunk_ranges(batch * copies, rows_per_chunk):
-            sample_index = torch.arange(start, stop, device=inputs.device) // copies
-            noisy = inputs[sample_index] + noise.take(stop - start)
+        for start, stop in chunk_ranges(batch * copies, copies_per_chunk):
+            row_index = torch.arange(start, stop, device=inputs.device)
+            sample_index = row_index // copies
+            noise = normal(seeds[sample_index], inputs.shape[1:], stream=Stream.NOISE, step=step,
+                           copy_index=row_index % copies, dtype=inputs.dtype)
+            noisy = inputs[sample_index] + noise.mul_(self.noise_std)
             sample_mask = mask[sample_index]
             logits = self.model(torch.cat([noisy * sample_mask, noisy * (1 - sample_mask)]))
             rows = stop - start

@@ -45,6 +45,7 @@ from mglightning.evaluation.run_folder import RunFolderBusyError, RunLock, move_
 from mglightning.explainers.base import Explainer
 from mglightning.models.loading import ClassifierSource, build_classifier
 from mglightning.metrics import SampleMetric
+from mglightning.random import NOISE_PROTOCOL
 from mglightning.reporting import report
 
 ExplainerFactory = Callable[[nn.Module], Explainer]
@@ -348,7 +349,8 @@ class ExplanationEvaluator(pl.LightningModule):
             test_set_size=len(datamodule.test_dataset), planned_samples=planned,
             explainers=explainers, attacks=attacks, metrics=metrics, rows=rows, epsilons=tuple(self.epsilons),
             target=self.target_kind, seed=self.seed, warm_start=self.warm_start,
-            convexity_iterations=self.convexity_iterations, bootstrap_samples=self.bootstrap_samples,
+            convexity_iterations=self.convexity_iterations, noise_protocol=NOISE_PROTOCOL,
+            bootstrap_samples=self.bootstrap_samples,
             grid_samples=self.grid_samples,
             versions={"python": platform.python_version(), "torch": torch.__version__},
             title=f"{type(datamodule).__name__}, {attack_names} attack" + ("s" if len(self.attack_factories) > 1 else ""),
