@@ -64,8 +64,10 @@ def randomised_copy(model: nn.Module, seed: int = 0, cascade: int | None = None)
 def spearman_correlation(first: Tensor, second: Tensor) -> Tensor:
     """Spearman rank correlation per sample between the flattened magnitudes of two map batches.
 
-    Ties get their average rank (as `scipy.stats.spearmanr`); a sample whose map is constant has no rank order
-    and gets NaN.
+    Ties get their average rank (as `scipy.stats.spearmanr`). A constant map (e.g. all zero, as a sparse map on a
+    random model can be) has no rank order, where Spearman's coefficient is undefined: a sample with one constant
+    map gets 0 (the other map's order is kept nowhere), one with two constant maps gets 1 (the two agree: the
+    method shows nothing either way).
 
     Args:
         first, second: `(B, ...)` maps of the same shape (signed: their magnitudes are compared).
@@ -79,9 +81,11 @@ def spearman_correlation(first: Tensor, second: Tensor) -> Tensor:
     b = rankdata(second.detach().abs().flatten(1).double().cpu().numpy(), axis=1)
     a -= a.mean(axis=1, keepdims=True)
     b -= b.mean(axis=1, keepdims=True)
-    denominator = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    spread_a, spread_b = (a * a).sum(axis=1), (b * b).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        values = np.where(denominator > 0, (a * b).sum(axis=1) / denominator, np.nan)
+        values = (a * b).sum(axis=1) / np.sqrt(spread_a * spread_b)
+    constant_a, constant_b = spread_a == 0, spread_b == 0
+    values = np.where(constant_a | constant_b, np.where(constant_a & constant_b, 1.0, 0.0), values)
     return torch.from_numpy(values)
 
 
