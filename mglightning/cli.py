@@ -170,6 +170,7 @@ EVALUATE_DESCRIPTION = """Evaluate explainers of an image classifier under inter
   python evaluate.py --config configs/eval_digits.yaml --ckpt_path checkpoints/digits/last.ckpt
   python evaluate.py --config configs/eval_digits.yaml --ckpt_path ... --resume last   # continue a stopped run
   python evaluate.py report logs/eval_digits/version_0                                # tables/figures from records
+  python evaluate.py report logs/eval_digits/version_0 --metrics metrics.yaml         # + metrics from stored maps
 
 Each run writes into a new version folder of its logger (or --resume's folder): run.json, per-sample records,
 results.json/.csv/.md, robustness.png, saliency_grid.png and TensorBoard events."""
@@ -344,7 +345,8 @@ def evaluation_parts_help() -> str:
 def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path]:
     """Evaluate explainers under attack; returns the CLI (its `model.result_rows` hold the results on rank 0).
 
-    `evaluate_main(["report", run_dir])` recomputes the tables and figures of a run folder from its records.
+    `evaluate_main(["report", run_dir])` recomputes the tables and figures of a run folder from its records;
+    `evaluate_main(["report", run_dir, "--metrics", spec])` first adds metrics computed from its stored maps.
     A run stopped by SIGTERM (a scheduler's preemption) or SIGINT keeps its finished batches and exits with
     status 143 or 130, printing the command that continues it.
     """
@@ -352,11 +354,7 @@ def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path
 
     arguments = sys.argv[1:] if args is None else list(args)
     if arguments[:1] == ["report"]:
-        from mglightning.reporting import report
-
-        if len(arguments) != 2:
-            raise SystemExit("usage: python evaluate.py report <run_dir>")
-        return report(arguments[1])[1]
+        return _report_main(arguments[1:])
     # Imported here so that training does not load the explainer stack.
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -406,6 +404,34 @@ def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path
     finally:
         if launched:
             os.environ.pop(RUN_DIR_VARIABLE, None)
+
+
+def _report_main(arguments: list[str]) -> dict[str, Path]:
+    """`python evaluate.py report <run_dir> [--metrics ...]`: the results of a run folder from its records, with
+    metrics added from its stored maps first when `--metrics` names some."""
+    import argparse
+
+    from mglightning.evaluation.added import add_metrics, metrics_from_config
+    from mglightning.reporting import report
+
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py report",
+        description="Write results.json/.csv/.md and the figures of an evaluation run folder from its records, "
+        "without recomputing a map.",
+    )
+    parser.add_argument("run_dir", help="the run folder (holds run.json and records/)")
+    parser.add_argument(
+        "--metrics", default=None,
+        help="metrics to compute from the run's stored maps (a run evaluated with model.keep_maps), as "
+        "{label: {class_path: ..., init_args: {...}}} in YAML or JSON, or a YAML file holding that; their values "
+        "go to <run_dir>/added/<label>.parquet and their columns into the results, e.g. "
+        "'{ssim: {class_path: mglightning.metrics.SaliencySSIM}}'",
+    )
+    options = parser.parse_args(arguments)
+    if options.metrics is not None:
+        for label, path in add_metrics(options.run_dir, metrics_from_config(options.metrics)).items():
+            print(f"  added {label}: {path}")
+    return report(options.run_dir)[1]
 
 
 def _stopped(run_dir: Path | None, status: int, rank_zero: bool) -> None:

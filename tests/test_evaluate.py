@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import evaluate
 from mglightning.data import DigitsDataModule
 from mglightning.data.evaluation import ExactlyOnceSampler, IndexedDataset, sample_seeds
-from mglightning.evaluation import AttackSpec, MetricSpec, RowSpec, RunDescription
+from mglightning.evaluation import AttackSpec, MetricSpec, RowSpec, RunDescription, load_maps
 from mglightning.modules import ClassifierModule
 from mglightning.reporting import bootstrap_interval, read_records
 from mglightning.reporting import results as results_module
@@ -234,10 +234,12 @@ def _kill_after_first_batch(process: subprocess.Popen, out: Path, timeout: float
 @pytest.mark.parametrize("devices", [1, 2])
 def test_a_killed_run_resumes_to_the_uninterrupted_results(checkpoint, tmp_path, devices):
     """Kill after the first recorded batch (1 process, or 2 gloo processes), resume with `--resume`: the final
-    results equal an uninterrupted single-process run's, and so does the set of records."""
+    results equal an uninterrupted single-process run's, and so does the set of records; the run stores its maps,
+    and every record's are found exactly once."""
     common = ["--data.init_args.batch_size", "2", "--model.max_samples", "8"]
     reference_out = tmp_path / "reference"
     evaluate.cli_main(eval_args(checkpoint, reference_out, *common, explainers=FEW_EXPLAINERS))
+    common += ["--model.keep_maps", "float16"]  # storing maps changes no record
     reference_dir = only_run(reference_out)
 
     out = tmp_path / "killed"
@@ -255,6 +257,8 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(checkpoint, tmp_path,
     resumed = read_records(run_dir)[columns].reset_index(drop=True)
     reference = read_records(reference_dir)[columns].reset_index(drop=True)
     pd.testing.assert_frame_equal(resumed, reference, atol=1e-5)
+    keys = ["method", "attack", "index"]
+    pd.testing.assert_frame_equal(load_maps(run_dir).keys[keys], read_records(run_dir)[keys])
 
 
 def test_resume_refuses_a_changed_config(checkpoint, tmp_path):

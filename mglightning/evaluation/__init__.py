@@ -1,7 +1,9 @@
-"""The evaluation core, without Lightning: one batch's measurement, its records, the run's description and
-its folder. `mglightning.modules.ExplanationEvaluator` runs it on any number of devices; `evaluate.py` drives
-that from a config."""
+"""The evaluation core, without Lightning: one batch's measurement, its records and stored maps, the run's
+description and its folder, and metrics added afterwards from the stored maps.
+`mglightning.modules.ExplanationEvaluator` runs it on any number of devices; `evaluate.py` drives that from a
+config."""
 
+from mglightning.evaluation.added import NotStoredError, add_metrics, merge_added, metrics_from_config
 from mglightning.evaluation.description import (
     AttackSpec,
     ExplainerSpec,
@@ -10,6 +12,7 @@ from mglightning.evaluation.description import (
     RunDescription,
     RunDescriptionError,
 )
+from mglightning.evaluation.maps import BatchMaps, MapWriter, StoredMaps, iter_maps, load_maps
 from mglightning.evaluation.measure import (
     BatchMeasurement,
     GridSample,
@@ -18,6 +21,7 @@ from mglightning.evaluation.measure import (
     measure_batch,
     method_rows,
     metric_columns,
+    metric_specs,
 )
 from mglightning.evaluation.files import OutOfSpaceError
 from mglightning.evaluation.records import (
@@ -38,10 +42,13 @@ from mglightning.evaluation.run_folder import (
 
 __all__ = [
     "AttackSpec",
+    "BatchMaps",
     "BatchMeasurement",
     "ExplainerSpec",
     "GridSample",
+    "MapWriter",
     "MetricSpec",
+    "NotStoredError",
     "OutOfSpaceError",
     "Record",
     "RecordWriter",
@@ -50,13 +57,20 @@ __all__ = [
     "RunDescriptionError",
     "RunFolderBusyError",
     "RunLock",
+    "StoredMaps",
+    "add_metrics",
     "choose_run_folder",
     "default_attacks",
     "default_metrics",
     "discard_unstarted",
+    "iter_maps",
+    "load_maps",
     "measure_batch",
+    "merge_added",
     "method_rows",
     "metric_columns",
+    "metric_specs",
+    "metrics_from_config",
     "move_aside",
     "read_records",
     "record_fields",

@@ -17,8 +17,10 @@ from mglightning.evaluation.files import atomic_write_bytes
 
 __all__ = ["AttackSpec", "ExplainerSpec", "MetricSpec", "RowSpec", "RunDescription", "RunDescriptionError"]
 
-# Fields that describe how a run is reported, not what it measured: they may change between a run and its resume.
-_REPORTING_FIELDS = ("bootstrap_samples", "grid_samples", "versions", "title", "note")
+# Fields that describe how a run is reported, not what it measured: they are not part of its fingerprint. Most may
+# change between a run and its resume; the evaluator refuses a change of `keep_maps` and `keep_inputs`, which would
+# leave some recorded samples without stored maps.
+_REPORTING_FIELDS = ("bootstrap_samples", "grid_samples", "versions", "title", "note", "keep_maps", "keep_inputs")
 
 
 class RunDescriptionError(ValueError):
@@ -104,6 +106,8 @@ class RunDescription:
     noise_protocol: str = ""  # the random-number generator of every noise draw (mglightning.random)
     bootstrap_samples: int = 1000
     grid_samples: int = 4
+    keep_maps: str | None = None  # the stored maps' dtype (`float16`, `float32`), None when no maps are stored
+    keep_inputs: bool = False
     versions: dict[str, str] = field(default_factory=dict)
     title: str = ""
     note: str | None = None

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from mglightning.attacks import Attack, TopKInterpretationAttack
 from mglightning.data.evaluation import sample_seeds
+from mglightning.evaluation.description import MetricSpec
+from mglightning.evaluation.maps import BatchMaps
 from mglightning.evaluation.records import Record, record_fields
 from mglightning.explainers.base import Explainer, check_finite_scores
 from mglightning.explainers.diagnostics import corollary_bound, local_convexity
@@ -41,6 +43,7 @@ __all__ = [
     "measure_batch",
     "method_rows",
     "metric_columns",
+    "metric_specs",
 ]
 
 AttackFactory = Callable[[Explainer, float], Attack]
@@ -88,6 +91,30 @@ def build_attack(factory: AttackFactory, explainer: Explainer, epsilon: float, w
     return attack
 
 
+def metric_specs(metrics: Mapping[str, SampleMetric]) -> tuple[MetricSpec, ...]:
+    """The run description's entries of metrics: class, constructor settings, record columns and directions."""
+    columns = metric_columns(metrics)
+    return tuple(
+        MetricSpec(
+            label=label, class_path=f"{type(metric).__module__}.{type(metric).__qualname__}",
+            settings=_metric_settings(metric),
+            columns={column: metric.outputs[output] for column, (owner, output) in columns.items() if owner == label},
+            needs_attack=metric.needs_attack, interval=metric.interval,
+            bounds=(getattr(metric, "plot_lower_bound", None), getattr(metric, "plot_upper_bound", None)),
+            flag_above=getattr(metric, "flag_above", None), flag_message=getattr(metric, "flag_message", None),
+        )
+        for label, metric in metrics.items()
+    )
+
+
+def _metric_settings(metric: SampleMetric) -> dict[str, Any]:
+    """A metric's constructor settings, read back from the attributes of the same names."""
+    import inspect
+
+    names = [name for name in inspect.signature(type(metric).__init__).parameters if name not in ("self", "kwargs")]
+    return {name: getattr(metric, name) for name in names if hasattr(metric, name) and name != "model"}
+
+
 def method_rows(explainer_labels: Sequence[str], epsilons: Sequence[float]) -> list[tuple[str, str, float]]:
     """`(results row, explainer label, budget)` for every explainer and budget; a row is named after the
     explainer alone when one budget is evaluated, else `<label>@eps=<budget>`."""
@@ -124,10 +151,12 @@ class GridSample:
 
 @dataclass
 class BatchMeasurement:
-    """What `measure_batch` returns: the batch's records and, when it holds grid samples, their maps."""
+    """What `measure_batch` returns: the batch's records, the maps of its grid samples when it holds some, and
+    every map when asked to keep them."""
 
     records: list[Record]
     grid: GridSample | None = None
+    maps: BatchMaps | None = None
 
 
 def _clock(reference: Tensor) -> float:
@@ -160,6 +189,8 @@ def measure_batch(
     built_attacks: Mapping[tuple[str, float, str], Attack] | None = None,
     model_name: str | None = None,
     progress: Callable[[str], None] | None = None,
+    keep_maps: bool = False,
+    keep_inputs: bool = False,
 ) -> BatchMeasurement:
     """Explain, attack and measure one batch with every explainer, budget, attack and metric.
 
@@ -189,6 +220,8 @@ def measure_batch(
             module builds them once); the rest are built from `attacks` here.
         model_name: how an error about the model's scores names it (default: its class name).
         progress: called with a short description before each phase (clean map, each attack).
+        keep_maps: return every clean and attacked map (`BatchMeasurement.maps`, detached, on the CPU).
+        keep_inputs: with `keep_maps`, the clean and attacked inputs too.
 
     Returns:
         A `BatchMeasurement`.
@@ -211,6 +244,9 @@ def measure_batch(
         grid = GridSample(indices.cpu()[keep], images.detach().cpu()[keep], labels.cpu()[keep],
                           predictions.cpu()[keep])
     first_attack = next(iter(attacks))
+    maps = None
+    if keep_maps:
+        maps = BatchMaps(indices.cpu(), inputs=images.detach().cpu() if keep_inputs else None)
     records: list[Record] = []
     base = {
         "index": indices.tolist(), "label": labels.tolist(), "prediction": predictions.tolist(),
@@ -230,6 +266,8 @@ def measure_batch(
         explanation = explainer.explain(images, explained, seeds=seeds)
         clean = explanation.attribution
         seconds_clean = (_clock(images) - started) / batch_size
+        if maps is not None:
+            maps.clean[label] = clean.detach().cpu()
         clean_values: dict[str, list[float]] = {}
         clean_batch = MapBatch(model, images, explained, clean.detach(), explainer=explainer, seeds=seeds)
         for metric_label, metric in metrics.items():
@@ -294,8 +332,13 @@ def measure_batch(
                             values={column: entries[position] for column, entries in values.items()},
                         )
                     )
+                if maps is not None:
+                    maps.methods[method] = label
+                    maps.attacked[(method, attack_label)] = attacked.detach().cpu()
+                    if keep_inputs:
+                        maps.attacked_inputs[(method, attack_label)] = result.inputs.detach().cpu()
                 if grid is not None and attack_label == first_attack:
                     grid.clean[method] = clean.detach().cpu()[keep]
                     grid.attacked_input[method] = result.inputs.detach().cpu()[keep]
                     grid.attacked[method] = attacked.detach().cpu()[keep]
-    return BatchMeasurement(records, grid)
+    return BatchMeasurement(records, grid, maps)

@@ -5,9 +5,9 @@
 - **One writer at a time**: `RunLock` takes an exclusive lock on `<run_dir>/.lock` for the whole run. A second
   process on the same folder is refused at once, with the holder's host and process id. The lock is an OS file
   lock, released when its process ends however it ends, so a lock left by a dead process is simply taken over.
-- **Nothing lost by `--overwrite`**: `move_aside` moves a folder's records, grid samples, results, figures,
-  description and logs into `<run_dir>/replaced-<UTC time>/` (called only after the new evaluation has been
-  checked).
+- **Nothing lost by `--overwrite`**: `move_aside` moves a folder's records, grid samples, stored maps, added
+  metrics, results, figures, description and logs into `<run_dir>/replaced-<UTC time>/` (called only after the new
+  evaluation has been checked).
 - **No empty runs**: `discard_unstarted` removes what a run that failed before its first record left, so that
   `--resume last` cannot pick it.
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 __all__ = ["RunFolderBusyError", "RunLock", "choose_run_folder", "discard_unstarted", "move_aside"]
 
 # What a run writes into its folder (the lock file aside); what --overwrite moves aside and an unstarted run removes.
-RUN_CONTENTS = ("records", "grid", "run.json", "config.yaml", "results.*", "*.png", "events.out.tfevents.*",
-                "hparams.yaml")
+RUN_CONTENTS = ("records", "grid", "maps", "added", "run.json", "config.yaml", "results.*", "*.png",
+                "events.out.tfevents.*", "hparams.yaml")
 
 
 class RunFolderBusyError(RuntimeError):

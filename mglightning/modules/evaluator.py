@@ -24,11 +24,11 @@ from mglightning.attacks import Attack
 from mglightning.evaluation.description import (
     AttackSpec,
     ExplainerSpec,
-    MetricSpec,
     RowSpec,
     RunDescription,
     RunDescriptionError,
 )
+from mglightning.evaluation.maps import MAP_DTYPES, MapWriter
 from mglightning.evaluation.measure import (
     AttackFactory,
     GridSample,
@@ -38,6 +38,7 @@ from mglightning.evaluation.measure import (
     measure_batch,
     method_rows,
     metric_columns,
+    metric_specs,
 )
 from mglightning.evaluation.files import atomic_write_bytes
 from mglightning.evaluation.records import RecordWriter, read_records, recorded_indices
@@ -106,6 +107,11 @@ class ExplanationEvaluator(pl.LightningModule):
         convexity_iterations: with `n > 0`, estimate per sample the weak convexity `lambda` of the explained score
             by `n` power iterations on Hessian-vector products, and record for each MoreauGrad-family row whether
             `rho < 1 / lambda` (results column `convex share`) and Corollary 1's bound. 0 (default) skips it.
+        keep_maps: store every clean and attacked map in `<run_dir>/maps/` as `float16` or `float32`
+            (`mglightning.evaluation.load_maps` reads them with their records; `evaluate.py report <run_dir>
+            --metrics ...` computes a metric thought of later from them). Default null: no maps. Not part of the
+            run's fingerprint (it changes no record), but a resume must keep it as the run started.
+        keep_inputs: with `keep_maps`, store the clean and attacked inputs too (for added metrics that read them).
         run_dir: the run folder; default the logger's folder (`trainer.log_dir`). `evaluate.py` sets it.
         overwrite: when `run_dir` holds another evaluation, move its contents into `run_dir/replaced-<time>/`
             (only after the new evaluation has been checked) instead of refusing it.
@@ -132,6 +138,8 @@ class ExplanationEvaluator(pl.LightningModule):
         warm_start: bool = False,
         explainer_settings: dict[str, Any] | None = None,
         convexity_iterations: int = 0,
+        keep_maps: Literal["float16", "float32"] | None = None,
+        keep_inputs: bool = False,
         run_dir: str | None = None,
         overwrite: bool = False,
         note: str | None = None,
@@ -158,6 +166,10 @@ class ExplanationEvaluator(pl.LightningModule):
         epsilons = [float(e) for e in (epsilon if isinstance(epsilon, (list, tuple)) else [epsilon])]
         if not epsilons:
             raise ValueError("Give at least one attack budget epsilon.")
+        if keep_maps is not None and keep_maps not in MAP_DTYPES:
+            raise ValueError(f"keep_maps must be one of {sorted(MAP_DTYPES)} (or null: no maps), got {keep_maps!r}.")
+        if keep_inputs and keep_maps is None:
+            raise ValueError("keep_inputs stores the inputs beside the maps: set keep_maps (float16 or float32) too.")
         if attacks is not None and not attacks:
             raise ValueError("Give at least one attack, e.g. `attacks: {topk: {class_path: "
                              "mglightning.attacks.TopKInterpretationAttack}}` (or leave `attacks` out).")
@@ -170,6 +182,8 @@ class ExplanationEvaluator(pl.LightningModule):
         self.bootstrap_samples = bootstrap_samples
         self.warm_start = bool(warm_start)
         self.convexity_iterations = convexity_iterations
+        self.keep_maps = keep_maps
+        self.keep_inputs = bool(keep_inputs)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.overwrite = bool(overwrite)
         self.note = note
@@ -223,6 +237,7 @@ class ExplanationEvaluator(pl.LightningModule):
         self.description: RunDescription | None = None
         self._progress: _Progress | None = None
         self._writer: RecordWriter | None = None
+        self._map_writer: MapWriter | None = None
         self._lock: RunLock | None = None
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -266,6 +281,17 @@ class ExplanationEvaluator(pl.LightningModule):
                 "(evaluate.py makes one unless --resume is given), or pass --overwrite true to move the old run "
                 "aside and start afresh."
             )
+        stored = (description.keep_maps, description.keep_inputs)
+        kept = (existing.keep_maps, existing.keep_inputs) if isinstance(existing, RunDescription) else stored
+        if kept != stored and not self.overwrite:
+            self._release()
+            self._discard_own_events()
+            raise ValueError(
+                f"{run_dir} was started with keep_maps={existing.keep_maps}, keep_inputs={existing.keep_inputs}; "
+                f"resuming it with keep_maps={description.keep_maps}, keep_inputs={description.keep_inputs} would "
+                "leave some of its samples without stored maps (or inputs). Nothing in it was changed. Resume with "
+                "the run's settings, evaluate into a new folder, or pass --overwrite true to start it afresh."
+            )
         strategy.barrier("run folder checked")
         if self.trainer.is_global_zero:
             if existing is not None and self.overwrite:
@@ -286,6 +312,8 @@ class ExplanationEvaluator(pl.LightningModule):
         datamodule.evaluate_on(remaining)
         self._remaining = remaining
         self._writer = RecordWriter(run_dir, self.trainer.global_rank, description.metric_columns)
+        if self.keep_maps is not None:
+            self._map_writer = MapWriter(run_dir, self.trainer.global_rank, self.keep_maps)
         if done and self.trainer.is_global_zero:
             self._accumulate(read_records(run_dir, description.metric_columns))
 
@@ -315,17 +343,7 @@ class ExplanationEvaluator(pl.LightningModule):
                        settings=_factory_settings(factory))
             for label, factory in self.attack_factories.items()
         )
-        metrics = tuple(
-            MetricSpec(
-                label=label, class_path=_class_path(type(metric)), settings=_metric_settings(metric),
-                columns={column: metric.outputs[output] for column, (owner, output) in self.columns.items()
-                         if owner == label},
-                needs_attack=metric.needs_attack, interval=metric.interval,
-                bounds=(getattr(metric, "plot_lower_bound", None), getattr(metric, "plot_upper_bound", None)),
-                flag_above=getattr(metric, "flag_above", None), flag_message=getattr(metric, "flag_message", None),
-            )
-            for label, metric in self.metrics.items()
-        )
+        metrics = metric_specs(self.metrics)
         rows = tuple(
             RowSpec(
                 method=row, label=label, explainer=self.explainers[label].name,
@@ -351,7 +369,7 @@ class ExplanationEvaluator(pl.LightningModule):
             target=self.target_kind, seed=self.seed, warm_start=self.warm_start,
             convexity_iterations=self.convexity_iterations, noise_protocol=NOISE_PROTOCOL,
             bootstrap_samples=self.bootstrap_samples,
-            grid_samples=self.grid_samples,
+            grid_samples=self.grid_samples, keep_maps=self.keep_maps, keep_inputs=self.keep_inputs,
             versions={"python": platform.python_version(), "torch": torch.__version__},
             title=f"{type(datamodule).__name__}, {attack_names} attack" + ("s" if len(self.attack_factories) > 1 else ""),
             note=self.note,
@@ -378,11 +396,14 @@ class ExplanationEvaluator(pl.LightningModule):
             grid_samples=self.grid_samples, rank=self.trainer.global_rank, built_attacks=self.attacks,
             model_name=f"{type(self.classifier).__name__} ({self.classifier_source})",
             progress=self._progress.describe if self._progress is not None else None,
+            keep_maps=self._map_writer is not None, keep_inputs=self.keep_inputs,
         )
-        # The grid samples first: a batch whose records exist always has its grid samples, so a resumed run
-        # that skips it misses nothing.
+        # The grid samples and maps first: a batch whose records exist always has them, so a resumed run that
+        # skips it misses nothing.
         if measured.grid is not None:
             self._save_grid(measured.grid)
+        if measured.maps is not None:
+            self._map_writer.write(measured.maps)
         self._writer.write(measured.records)
         self._accumulate(_frame(measured.records))
         if self._progress is not None:
@@ -556,11 +577,3 @@ def _class_path(cls: type) -> str:
 def _factory_settings(factory: Any) -> dict[str, Any]:
     """The settings a factory passes: the config's `init_args` (a partial's keywords), none for a bare class."""
     return dict(getattr(factory, "keywords", {}) or {})
-
-
-def _metric_settings(metric: SampleMetric) -> dict[str, Any]:
-    """A metric's constructor settings, read back from the attributes of the same names."""
-    import inspect
-
-    names = [name for name in inspect.signature(type(metric).__init__).parameters if name not in ("self", "kwargs")]
-    return {name: getattr(metric, name) for name in names if hasattr(metric, name) and name != "model"}

@@ -3,7 +3,9 @@
 `report(run_dir)` reads the run's description (`run.json`) and its per-sample records, computes the results
 rows with bootstrap intervals and the paired comparisons, writes `results.json/.csv/.md` atomically, prints the
 table, and only then draws the figures (robustness vs budget, saliency grid) as PNG and, given a
-`SummaryWriter`, to TensorBoard. It never recomputes a map, so it can be run again offline at any time.
+`SummaryWriter`, to TensorBoard. It never recomputes a map, so it can be run again offline at any time. Metrics
+added after the run from its stored maps (`<run_dir>/added/`, `mglightning.evaluation.added`) are columns like the
+run's own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mglightning.evaluation.added import merge_added
 from mglightning.evaluation.description import RunDescription
 from mglightning.evaluation.measure import GridSample
 from mglightning.evaluation.records import read_records
@@ -50,6 +53,8 @@ def report(
     records = read_records(run_dir, description.metric_columns)
     if records.empty:
         raise ValueError(f"{run_dir} holds no records yet: the run evaluated no sample.")
+    run_metrics = {metric.label for metric in description.metrics}
+    records, description, notes = merge_added(run_dir, records, description)
     resamples, seed = description.bootstrap_samples, description.seed
     rows = summarise_records(records, description, resamples=resamples, seed=seed)
     comparisons = compare_paired(records, rows, description, resamples=resamples, seed=seed)
@@ -79,6 +84,11 @@ def report(
             print(format_flags(rows))
         if description.note:
             print("Note: " + description.note)
+        added = [metric.label for metric in description.metrics if metric.label not in run_metrics]
+        if added:
+            print("Added after the run from its stored maps (added/): " + ", ".join(added))
+        for note in notes:
+            print("WARNING: " + note)
         if comparisons:
             print("Paired comparisons with the simple gradient (same samples):\n" + format_comparisons(comparisons))
         print("  records: " + str(run_dir / "records"))
