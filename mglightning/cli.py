@@ -267,7 +267,10 @@ def _run_folder(config) -> Path:
         return Path(os.environ[RUN_DIR_VARIABLE])
     if config.get("overwrite") and not config.get("resume"):
         raise ValueError("--overwrite replaces a run folder given by --resume DIR; a new run gets a new folder anyway.")
-    run_dir = choose_run_folder(_runs_root(config), config.get("resume"))
+    # A process that torchrun or SLURM started as another rank reserves nothing: the evaluator takes rank 0's folder
+    # when the processes meet (set-up).
+    secondary = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) > 0
+    run_dir = choose_run_folder(_runs_root(config), config.get("resume"), reserve=not secondary)
     os.environ[RUN_DIR_VARIABLE] = str(run_dir)
     return run_dir
 

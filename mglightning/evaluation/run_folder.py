@@ -42,9 +42,10 @@ def _versions(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def choose_run_folder(root: str | Path, resume: str | None = None) -> Path:
+def choose_run_folder(root: str | Path, resume: str | None = None, reserve: bool = True) -> Path:
     """The run folder of an evaluation: `--resume`'s folder (`last`: the newest under `root` with a run.json),
-    or else a new `version_<n>` under `root`, reserved by creating it (two runs started at once get two)."""
+    or else a new `version_<n>` under `root`, reserved by creating it (two runs started at once get two); with
+    `reserve=False` (a process other than rank 0), the next free name, created by no one."""
     root = Path(root)
     if resume == "last":
         runs = [path for _, path in _versions(root) if (path / "run.json").is_file()]
@@ -59,8 +60,10 @@ def choose_run_folder(root: str | Path, resume: str | None = None) -> Path:
                 "printed, or leave --resume out to start a new run."
             )
         return run_dir
-    root.mkdir(parents=True, exist_ok=True)
     number = max((version for version, _ in _versions(root)), default=-1) + 1
+    if not reserve:
+        return root / f"version_{number}"
+    root.mkdir(parents=True, exist_ok=True)
     while True:
         candidate = root / f"version_{number}"
         try:

@@ -259,6 +259,8 @@ class ExplanationEvaluator(pl.LightningModule):
         # `trainer.log_dir` is a collective call (a broadcast): every rank asks for it.
         log_dir = self.trainer.log_dir
         run_dir = self.run_dir or Path(log_dir or self.trainer.default_root_dir)
+        # Processes started apart (torchrun, SLURM: one per node) each named a folder; rank 0's is the run's.
+        run_dir = Path(self.trainer.strategy.broadcast(str(run_dir), src=0))
         self.run_dir = run_dir
         description = self.describe(datamodule, planned)
         self.description = description
