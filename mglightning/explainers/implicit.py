@@ -87,8 +87,8 @@ class PenaltyLinearisation:
     """The penalty's part of the linearised fixed point at a solution `d` (see the module docstring).
 
     Attributes:
-        active: `(B, C, H, W)` bool mask of the entries where the prox is locally the identity-like branch (`d !=
-            0` for L1, kept groups for the group norm), or `None` for all entries (no penalty).
+        active: `(B, C, H, W)` bool mask of the entries the prox keeps, where its Jacobian is invertible (`d != 0`
+            for L1, the kept groups for the group norm), or `None` for all entries (no penalty).
         group_size: the groups' side for the group norm's curvature `Q`, `None` without it.
         curvature_scale: `(B, 1, H / g, 1, W / g, 1)` values `eta / ||d_G||` of the kept groups (0 elsewhere).
         directions: `(B, C, H, W)` unit vectors `d_G / ||d_G||` of the kept groups (0 elsewhere).
