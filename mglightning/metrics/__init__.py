@@ -5,6 +5,8 @@ Metric classes (``torchmetrics.Metric``, sum/count states, exact under DDP):
 ``Sparsity`` (``update(maps)``). Per-sample functional forms live in :mod:`mglightning.metrics.functional`.
 Fidelity of a map to its model: ``DeletionInsertionAUC`` and the per-sample ``deletion_insertion_auc`` /
 ``deletion_insertion_curves`` (:mod:`mglightning.metrics.fidelity`).
+The model-parameter randomisation sanity check: ``randomised_copy``, the per-sample ``rank_correlation``,
+``RandomisationCorrelation`` and ``model_randomisation_check`` (:mod:`mglightning.metrics.sanity`).
 """
 
 from mglightning.metrics.fidelity import (
@@ -23,19 +25,33 @@ from mglightning.metrics.functional import (
     zero_fraction,
 )
 from mglightning.metrics.robustness import NormalizedDistance, SaliencySSIM, TopKIntersection
+from mglightning.metrics.sanity import (
+    RandomisationCheck,
+    RandomisationCorrelation,
+    model_randomisation_check,
+    randomisable_layers,
+    randomised_copy,
+    rank_correlation,
+)
 from mglightning.metrics.sparsity import Sparsity
 
 __all__ = [
     "DeletionInsertionAUC",
     "DeletionInsertionCurves",
     "NormalizedDistance",
+    "RandomisationCheck",
+    "RandomisationCorrelation",
     "SaliencySSIM",
     "Sparsity",
     "TopKIntersection",
     "deletion_insertion_auc",
     "deletion_insertion_curves",
     "gini_index",
+    "model_randomisation_check",
     "normalized_distance",
+    "randomisable_layers",
+    "randomised_copy",
+    "rank_correlation",
     "saliency_ssim",
     "topk_count",
     "topk_intersection",
