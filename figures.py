@@ -4,6 +4,7 @@
     python figures.py fig3 --config configs/figures_digits.yaml      # discrepancy from the simple gradient
     python figures.py fig4 --config configs/figures_digits.yaml      # all methods side by side
     python figures.py fig7 --config configs/figures_digits.yaml      # misclassified samples
+    python figures.py fig3_sparse --config configs/figures_digits.yaml   # Figure 3's sparse methods, same sparsity
     python figures.py fig2 --help                                    # every option
 
 Figure 6 (robustness against the attack budget) is the evaluation's `robustness.png` (`evaluate.py`); the paper's
@@ -33,9 +34,11 @@ from mglightning.paper_figures import (
     figure2_maps,
     figure2_numbers,
     figure3,
+    figure3_sparse,
     figure4,
     figure7,
     select_samples,
+    sparsity_matched_curves,
 )
 from mglightning.reporting import save_figure
 
@@ -133,6 +136,47 @@ def fig3(
     return _write(figure3(curves), output_dir, "figure3", curves.to_dict())
 
 
+def fig3_sparse(
+    *,
+    ckpt_path: str,
+    data: ImageDataModule,
+    output_dir: str = "logs/paper_figures",
+    samples: int = 64,
+    rhos: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
+    sigmas: Sequence[float] = (0.03, 0.1, 0.2, 0.3),
+    target_zero_fraction: float | None = None,
+    match_sigma: float = 0.1,
+    num_steps: int = 100,
+    nt_samples: int = 64,
+    units: Units = "normalised",
+    device: str = "cpu",
+) -> Path:
+    """Figure 3's sparse comparison at one sparsity: discrepancy from the simple gradient of Sparse MoreauGrad vs rho,
+    every map at the same zero share, and of Sparsified SmoothGrad vs sigma.
+
+    Args:
+        ckpt_path: the classifier's checkpoint.
+        data: the datamodule whose first test samples are used.
+        output_dir: where figure3_sparse.png, figure3_sparse.json (means, intervals, zero shares) and the TensorBoard
+            event file go.
+        samples: how many test samples the means are taken over.
+        rhos: Sparse MoreauGrad's rho values (plain mode, step_size = 0.1 * rho), > 0.
+        sigmas: Sparsified SmoothGrad's noise levels (pixel units), > 0.
+        target_zero_fraction: the zero share of every Sparse MoreauGrad map; default: Sparsified SmoothGrad's mean
+            zero share at match_sigma.
+        match_sigma: the noise level (one of sigmas) whose Sparsified SmoothGrad zero share Sparse MoreauGrad is held
+            at, when target_zero_fraction is not given.
+        num_steps: Sparse MoreauGrad's solver steps (per round of its eta search).
+        nt_samples: Sparsified SmoothGrad's noise draws.
+        units: units of rhos: normalised (the paper's) or pixels.
+        device: torch device.
+    """
+    model, chosen = _setup(ckpt_path, data, samples, device)
+    curves = sparsity_matched_curves(model, chosen, rhos, sigmas, target_zero_fraction, match_sigma, num_steps,
+                                     nt_samples, units)
+    return _write(figure3_sparse(curves), output_dir, "figure3_sparse", curves.to_dict())
+
+
 def fig4(
     *,
     ckpt_path: str,
@@ -188,7 +232,7 @@ def fig7(
 
 def cli_main(args: list[str] | None = None) -> Path:
     torch.set_grad_enabled(True)
-    return CLI([fig2, fig3, fig4, fig7], args=args)
+    return CLI([fig2, fig3, fig3_sparse, fig4, fig7], args=args)
 
 
 if __name__ == "__main__":

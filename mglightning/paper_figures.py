@@ -3,7 +3,8 @@
 - Figure 2: MoreauGrad maps over `rho` (from 0, the simple gradient) and Sparse MoreauGrad maps over `eta`
   (from 0, vanilla MoreauGrad).
 - Figure 3: the discrepancy of MoreauGrad from the simple gradient against `rho`, and of SmoothGrad against its
-  noise `sigma`, with integrated gradients as a reference line.
+  noise `sigma`, with integrated gradients as a reference line; and its sparse comparison, Sparse MoreauGrad (every
+  map at one zero share) against Sparsified SmoothGrad.
 - Figure 4: every method's map side by side.
 - Figure 7: MoreauGrad and Sparse MoreauGrad maps of misclassified samples, for the predicted and the true class.
 - Figure 6 (robustness against the budget) is the evaluation's `robustness.png` (`evaluate.py`).
@@ -37,7 +38,14 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from mglightning.explainers import IntegratedGradients, MoreauGrad, SimpleGradient, SmoothGrad, SparseMoreauGrad
+from mglightning.explainers import (
+    IntegratedGradients,
+    MoreauGrad,
+    SimpleGradient,
+    SmoothGrad,
+    SparseMoreauGrad,
+    SparsifiedSmoothGrad,
+)
 from mglightning.explainers.registry import build_explainer
 from mglightning.metrics import normalized_distance, zero_fraction
 from mglightning.reporting import bootstrap_interval, normalised_magnitude
@@ -388,6 +396,134 @@ def figure3(curves: DiscrepancyCurves) -> Figure:
     panels[0].set_ylabel("discrepancy from the simple gradient\n|| A/||A|| - G/||G|| ||, mean over samples")
     figure.suptitle(f"Figure 3: discrepancy from the simple gradient ({curves.samples} samples, 95% intervals)",
                     fontsize=9)
+    return figure
+
+
+@dataclass
+class SparsityMatchedCurves:
+    """Figure 3's sparse comparison: the discrepancy from the simple gradient of Sparse MoreauGrad, every map held at
+    one zero share, and of Sparsified SmoothGrad, with 95% bootstrap intervals and the zero shares measured.
+
+    Attributes:
+        zero_fraction: the zero share every Sparse MoreauGrad map is held at (its `target_zero_fraction`).
+        matched_to: where that share comes from: `"sparsified_smoothgrad at sigma=<s>"` (its mean zero share there)
+            or `"given"`.
+        rhos, sparse_moreaugrad, sparse_moreaugrad_ci: Sparse MoreauGrad's `rho` grid (as given), means, intervals.
+        sparse_moreaugrad_zero_range: per `rho`, the `(min, max)` zero share over the samples' maps.
+        sigmas, sparsified_smoothgrad, sparsified_smoothgrad_ci: Sparsified SmoothGrad's noise grid (pixels), means,
+            intervals.
+        sparsified_smoothgrad_zero: per `sigma`, the mean zero share of its maps.
+        units: the units of `rhos`.
+        samples: how many samples.
+    """
+
+    zero_fraction: float
+    matched_to: str
+    rhos: list[float]
+    sparse_moreaugrad: list[float]
+    sparse_moreaugrad_ci: list[tuple[float, float]]
+    sparse_moreaugrad_zero_range: list[tuple[float, float]]
+    sigmas: list[float]
+    sparsified_smoothgrad: list[float]
+    sparsified_smoothgrad_ci: list[tuple[float, float]]
+    sparsified_smoothgrad_zero: list[float]
+    units: str
+    samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items()}
+
+
+def sparsity_matched_curves(
+    model: nn.Module,
+    samples: Samples,
+    rhos: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
+    sigmas: Sequence[float] = (0.03, 0.1, 0.2, 0.3),
+    target_zero_fraction: float | None = None,
+    match_sigma: float = 0.1,
+    num_steps: int = 100,
+    nt_samples: int = 64,
+    units: str = "normalised",
+    internal_batch_size: int | None = 256,
+) -> SparsityMatchedCurves:
+    """The paper's sparse Figure 3 comparison at one sparsity ("we adjusted eta in Sparse MoreauGrad to standardize
+    the sparsity level for fair comparisons with Sparsified SmoothGrad").
+
+    Sparsified SmoothGrad (`nt_samples` draws, its default `flatten` and `l0`) runs at each noise `sigma`; Sparse
+    MoreauGrad (plain mode, `step_size = 0.1 * rho`) runs at each `rho` with `target_zero_fraction`, by default
+    Sparsified SmoothGrad's mean zero share at `match_sigma` (one of `sigmas`), so that every Sparse MoreauGrad map
+    has that share of exact zeros (within its search's tolerance, 0.01). Sparsified SmoothGrad's own share varies
+    with `sigma` and from map to map; the curves report it.
+
+    Example:
+        >>> curves = sparsity_matched_curves(model, samples, rhos=[0.3, 1.0], sigmas=[0.1, 0.2])
+        >>> curves.zero_fraction, curves.sparse_moreaugrad_zero_range
+    """
+    if any(rho <= 0 for rho in rhos) or any(sigma <= 0 for sigma in sigmas):
+        raise ValueError("rhos and sigmas must be > 0.")
+    if target_zero_fraction is None and match_sigma not in sigmas:
+        raise ValueError(
+            f"match_sigma={match_sigma} must be one of sigmas {list(sigmas)}: Sparse MoreauGrad is held at "
+            "Sparsified SmoothGrad's mean zero share there (or give target_zero_fraction)."
+        )
+    target, images, seeds = samples.predictions, samples.images, samples.seeds
+    reference = SimpleGradient(model).attribute(images, target).detach()
+    ssg, ssg_ci, ssg_zero = [], [], []
+    for sigma in sigmas:
+        explainer = SparsifiedSmoothGrad(model, stdevs=sigma, nt_samples=nt_samples,
+                                         internal_batch_size=internal_batch_size)
+        maps = explainer.attribute(images, target, seeds=seeds).detach()
+        mean, interval = _mean_and_interval(normalized_distance(maps, reference))
+        ssg.append(mean), ssg_ci.append(interval), ssg_zero.append(float(zero_fraction(maps).mean()))
+    matched_to = "given"
+    if target_zero_fraction is None:
+        target_zero_fraction = ssg_zero[list(sigmas).index(match_sigma)]
+        matched_to = f"sparsified_smoothgrad at sigma={match_sigma:g}"
+    smg, smg_ci, smg_zero = [], [], []
+    for rho in rhos:
+        settings = _pixel_settings(model, {"rho": rho, "step_size": 0.1 * rho}, units)
+        explainer = SparseMoreauGrad(model, num_steps=num_steps, noise_std=0.0, internal_batch_size=internal_batch_size,
+                                     target_zero_fraction=target_zero_fraction, **settings)
+        maps = explainer.attribute(images, target).detach()
+        mean, interval = _mean_and_interval(normalized_distance(maps, reference))
+        shares = zero_fraction(maps)
+        smg.append(mean), smg_ci.append(interval)
+        smg_zero.append((round(float(shares.min()), 4), round(float(shares.max()), 4)))
+    return SparsityMatchedCurves(
+        float(target_zero_fraction), matched_to, list(rhos), smg, smg_ci, smg_zero, list(sigmas), ssg, ssg_ci,
+        [round(share, 4) for share in ssg_zero], units, len(images),
+    )
+
+
+def figure3_sparse(curves: SparsityMatchedCurves) -> Figure:
+    """Figure 3's sparse comparison: discrepancy from the simple gradient against `rho` (Sparse MoreauGrad, every map
+    at `curves.zero_fraction` zeros) and `sigma` (Sparsified SmoothGrad, each point captioned with its zero share),
+    with 95% intervals."""
+    figure = Figure(figsize=(9, 3.4), layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(1, 2, sharey=True)
+    for ax, x, y, ci, colour, label, xlabel in (
+        (panels[0], curves.rhos, curves.sparse_moreaugrad, curves.sparse_moreaugrad_ci, "#D55E00",
+         f"Sparse MoreauGrad (plain), {curves.zero_fraction:.0%} zeros", f"rho ({curves.units} units)"),
+        (panels[1], curves.sigmas, curves.sparsified_smoothgrad, curves.sparsified_smoothgrad_ci, "#0072B2",
+         "Sparsified SmoothGrad", "sigma (noise std, pixels)"),
+    ):
+        errors = np.abs(np.array(ci, dtype=float).T - np.array(y, dtype=float))
+        ax.errorbar(x, y, yerr=errors, color=colour, marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{value:g}" for value in x])  # the grid's values, not log-scale minor labels
+        ax.minorticks_off()
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for sigma, value, share in zip(curves.sigmas, curves.sparsified_smoothgrad, curves.sparsified_smoothgrad_zero):
+        panels[1].annotate(f"{share:.0%} zeros", (sigma, value), textcoords="offset points", xytext=(4, 6), fontsize=7)
+    panels[0].set_ylabel("discrepancy from the simple gradient\n|| A/||A|| - G/||G|| ||, mean over samples")
+    figure.suptitle(
+        f"Figure 3, sparse: Sparse MoreauGrad, every map at {curves.zero_fraction:.1%} zeros ({curves.matched_to}),\n"
+        f"vs Sparsified SmoothGrad ({curves.samples} samples, 95% intervals)",
+        fontsize=9,
+    )
     return figure
 
 

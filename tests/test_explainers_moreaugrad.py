@@ -216,6 +216,27 @@ def test_average_last_is_the_mean_of_the_last_iterates(closed_form):
     torch.testing.assert_close(averaged, torch.stack(last_three).mean(0), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("cls", [SparseMoreauGrad, GroupSparseMoreauGrad])
+def test_average_last_of_the_sparse_variants_is_the_mean_of_their_last_iterates(cls):
+    # The paper-settings configs return the official code's mean of the last iterates for all three methods.
+    model = softplus_cnn(dtype=torch.float64)
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    target, seeds = torch.tensor([1, 3]), torch.tensor([0, 1])
+    settings = {"rho": 1.0, "step_size": 0.2, "noise_std": 0.05, "noise_samples": 2,
+                "eta": 2e-3 if cls is SparseMoreauGrad else 1e-2}
+    if cls is GroupSparseMoreauGrad:
+        settings["group_size"] = 2
+    averaged = cls(model, num_steps=10, average_last=3, **settings).attribute(images, target, seeds=seeds)
+    # The same seeds draw the same noise for the first steps of a shorter solve, so steps 8, 9, 10 are its iterates.
+    last_three = [
+        cls(model, num_steps=steps, **settings).attribute(images, target, seeds=seeds) for steps in (8, 9, 10)
+    ]
+    torch.testing.assert_close(averaged, torch.stack(last_three).mean(0), rtol=0, atol=1e-12)
+    assert (averaged == 0).any() and (averaged != 0).any()
+    with pytest.raises(ValueError, match="either tol or average_last"):
+        cls(model, num_steps=10, average_last=3, tol=1e-3, **settings)
+
+
 def test_gradient_evaluations_count_model_rows():
     model = softplus_cnn()
     images = torch.rand(3, 3, 8, 8)
@@ -244,7 +265,7 @@ def test_create_graph_returns_the_surrogate_of_the_solved_displacement(cls):
     target, seeds = torch.tensor([0, 2]), torch.tensor([1, 2])
     settings = {"num_steps": 8, "noise_samples": 2, "noise_std": 0.1}
     if cls is not MoreauGrad:
-        settings["eta"] = 2e-3 if cls is SparseMoreauGrad else 2e-2
+        settings["eta"] = 2e-3 if cls is SparseMoreauGrad else 1e-2  # about half of each map zero
     if cls is GroupSparseMoreauGrad:
         settings["group_size"] = 2
     explainer = cls(model, **settings)
@@ -255,7 +276,7 @@ def test_create_graph_returns_the_surrogate_of_the_solved_displacement(cls):
     torch.testing.assert_close(surrogate.detach(), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(surrogate, moreau_surrogate(model, images, displacement, target), rtol=0, atol=0)
     if cls is not MoreauGrad:
-        assert (surrogate[displacement == 0] == 0).all() and (displacement == 0).any()
+        assert (surrogate[displacement == 0] == 0).all() and (displacement == 0).any() and (displacement != 0).any()
 
 
 def test_surrogate_with_the_displacement_held_fixed_passes_gradcheck():
@@ -274,3 +295,125 @@ def test_surrogate_rejects_a_displacement_of_the_wrong_shape():
     model = softplus_cnn()
     with pytest.raises(ValueError, match="displacement must be shaped like inputs"):
         moreau_surrogate(model, torch.rand(2, 3, 8, 8), torch.zeros(1, 3, 8, 8), 0)
+
+
+# ----------------------------------------------------------------------------------------------- target sparsity
+
+
+def _zero_share(maps):
+    return (maps == 0).flatten(1).double().mean(1)
+
+
+def test_target_zero_fraction_of_a_linear_score_is_reached_in_one_round(closed_form):
+    # For a linear score the solution zeroes exactly the entries with |a_i| <= eta, so the search's start (the target
+    # quantile of |grad f_c(x)|) is already the answer: one solve, and the map is the closed form at the eta found.
+    model, images = closed_form
+    explainer = SparseMoreauGrad(model, rho=0.5, step_size=0.1, num_steps=200, noise_std=0.0, target_zero_fraction=0.25)
+    attributions = explainer.attribute(images, 1)
+    assert torch.equal(_zero_share(attributions), torch.full((3,), 0.25, dtype=torch.float64))
+    assert explainer.last_sample_gradient_evaluations.tolist() == [1 + 200] * 3  # the gradient at x, one solve
+    eta = float(explainer.last_eta[0])
+    magnitudes = model.a.abs().sort().values
+    assert magnitudes[DIM // 4 - 1] < eta < magnitudes[DIM // 4]  # zeroes the 8 smallest of the 32 entries
+    expected = -soft_threshold(-0.5 * model.a, 0.5 * eta).view(1, *SHAPE) / 0.5
+    torch.testing.assert_close(attributions, expected.expand_as(images), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise_std", [0.0, 0.05], ids=["plain", "regularised"])
+@pytest.mark.parametrize("cls", [SparseMoreauGrad, GroupSparseMoreauGrad])
+def test_target_zero_fraction_holds_for_every_map_and_the_eta_found_reproduces_it(cls, noise_std):
+    model = softplus_cnn(dtype=torch.float64)
+    images = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    target, seeds = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])
+    settings = {"rho": 1.0, "step_size": 0.2, "num_steps": 30, "noise_std": noise_std, "noise_samples": 2}
+    if cls is GroupSparseMoreauGrad:
+        settings["group_size"] = 2  # 16 groups: the achievable shares are multiples of 1/16
+    explainer = cls(model, target_zero_fraction=0.6, **settings)
+    attributions = explainer.attribute(images, target, seeds=seeds)
+    goal = 10 / 16 if cls is GroupSparseMoreauGrad else 0.6  # 0.6 rounds to 10 of 16 groups
+    assert ((_zero_share(attributions) - goal).abs() <= explainer.search_tolerance).all()
+    # Each sample's eta, given as a fixed eta to that sample alone, gives its map: the search is per sample.
+    for i in range(4):
+        fixed = cls(model, eta=float(explainer.last_eta[i]), **settings)
+        alone = fixed.attribute(images[i : i + 1], target[i : i + 1], seeds=seeds[i : i + 1])
+        torch.testing.assert_close(alone, attributions[i : i + 1], rtol=0, atol=1e-10)
+    # ... and it is the same alone as in the batch.
+    alone = cls(model, target_zero_fraction=0.6, **settings)
+    torch.testing.assert_close(alone.attribute(images[2:3], target[2:3], seeds=seeds[2:3]), attributions[2:3],
+                               rtol=0, atol=1e-10)
+    assert alone.last_eta[0] == explainer.last_eta[2]
+
+
+def test_target_search_counts_every_solve_in_gradient_evaluations():
+    model = softplus_cnn()
+    rows = []
+    model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    images = torch.rand(3, 3, 8, 8)
+    explainer = SparseMoreauGrad(model, num_steps=10, noise_samples=3, noise_std=0.05, internal_batch_size=5,
+                                 target_zero_fraction=0.7)
+    explainer.attribute(images, torch.tensor([0, 1, 2]), seeds=torch.tensor([0, 1, 2]))
+    assert explainer.last_gradient_evaluations == sum(rows) == int(explainer.last_sample_gradient_evaluations.sum())
+    # Per sample: 1 (the gradient at x) plus steps x copies per round it took part in.
+    rounds = (explainer.last_sample_gradient_evaluations - 1) / (10 * 3)
+    assert torch.equal(rounds, rounds.round()) and (rounds >= 1).all()
+    assert explainer.last_iterations.tolist() == (10 * rounds).long().tolist()
+
+
+def test_group_target_is_rounded_to_whole_groups_and_unreachable_ones_are_refused():
+    model = softplus_cnn()
+    images = torch.rand(2, 3, 8, 8)
+    settings = {"num_steps": 20, "noise_std": 0.0, "group_size": 2}
+    explainer = GroupSparseMoreauGrad(model, target_zero_fraction=0.3, **settings)  # 4.8 of 16 groups -> 5
+    shares = _zero_share(explainer.attribute(images, torch.tensor([1, 2])))
+    assert torch.equal(shares, torch.full((2,), 5 / 16, dtype=torch.float64))
+    assert explainer.achievable_zero_fraction(images.shape) == 5 / 16
+    assert SparseMoreauGrad(model, target_zero_fraction=0.3).achievable_zero_fraction(images.shape) == 58 / 192
+    for target, closest in ((0.02, "0"), (0.98, "1")):
+        with pytest.raises(ValueError, match=rf"units of one group \(0.0625 of a map\), so the closest share would "
+                                             rf"be {closest}; choose a target between 0.0625 and 0.9375"):
+            GroupSparseMoreauGrad(model, target_zero_fraction=target, **settings).attribute(images, 1)
+
+
+def test_a_target_that_no_eta_reaches_warns_and_keeps_the_closest_map(closed_form):
+    # A linear score whose 4 groups have norms 1, 2, 2, 3: two of them always vanish together, so 2 zero groups
+    # (share 0.5) cannot be reached; the closest shares are 1/4 and 3/4.
+    model, _ = closed_form
+    a = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    for (top, left), norm in zip(((0, 0), (0, 2), (2, 0), (2, 2)), (1.0, 2.0, 2.0, 3.0)):
+        a[..., top : top + 2, left : left + 2] = norm / 2
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(16, 1, bias=False, dtype=torch.float64))
+    linear[1].weight.data = a.view(1, 16)
+    images = torch.rand(1, 1, 4, 4, dtype=torch.float64)
+    explainer = GroupSparseMoreauGrad(linear, rho=0.5, num_steps=100, noise_std=0.0, group_size=2,
+                                      target_zero_fraction=0.5)
+    with pytest.warns(UserWarning, match=r"zero share of 1 of 1 maps is up to 0.25 from the target 0.5"):
+        attributions = explainer.attribute(images, 0)
+    assert _zero_share(attributions).item() in (0.25, 0.75)
+
+
+def test_target_zero_fraction_settings_are_checked():
+    model = softplus_cnn()
+    with pytest.raises(ValueError, match="either eta or target_zero_fraction, not both"):
+        SparseMoreauGrad(model, eta=1e-3, target_zero_fraction=0.5)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="target_zero_fraction"):
+            GroupSparseMoreauGrad(model, target_zero_fraction=bad)
+    with pytest.raises(ValueError, match="search_rounds"):
+        SparseMoreauGrad(model, target_zero_fraction=0.5, search_rounds=0)
+    # Without a target, eta defaults to the official code's values.
+    assert SparseMoreauGrad(model).eta == 5e-3 and GroupSparseMoreauGrad(model).eta == 5e-2
+    assert SparseMoreauGrad(model, target_zero_fraction=0.5).eta is None
+
+
+def test_a_fixed_eta_that_zeroes_whole_maps_warns_once_per_call(recwarn):
+    model = softplus_cnn()
+    images = torch.rand(3, 3, 8, 8)
+    target = torch.tensor([0, 1, 2])
+    SparseMoreauGrad(model, num_steps=5, noise_std=0.0, eta=1e-6).attribute(images, target)
+    assert not [w for w in recwarn if "zeroes the whole map" in str(w.message)]
+    explainer = SparseMoreauGrad(model, num_steps=5, noise_std=0.0, eta=10.0)
+    with pytest.warns(UserWarning, match=r"eta=10 zeroes the whole map of 3 of 3 samples.*smaller eta.*"
+                                         r"target_zero_fraction") as caught:
+        explainer.attribute(images, target)
+    assert len([w for w in caught if "zeroes the whole map" in str(w.message)]) == 1
+    assert explainer.last_eta.tolist() == [10.0] * 3

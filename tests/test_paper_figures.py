@@ -12,10 +12,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import figures
 from mglightning import load_classifier
 from mglightning.data import DigitsDataModule
-from mglightning.explainers import IntegratedGradients, MoreauGrad, SimpleGradient, SmoothGrad
+from mglightning.explainers import (
+    IntegratedGradients,
+    MoreauGrad,
+    SimpleGradient,
+    SmoothGrad,
+    SparseMoreauGrad,
+    SparsifiedSmoothGrad,
+)
 from mglightning.metrics import normalized_distance, zero_fraction
 from mglightning.modules import ClassifierModule
-from mglightning.paper_figures import discrepancy_curves, figure2_maps, select_samples
+from mglightning.paper_figures import discrepancy_curves, figure2_maps, select_samples, sparsity_matched_curves
 from mglightning.units import model_std, scalar_std
 
 DATA = ["--data.class_path", "mglightning.data.DigitsDataModule", "--data.init_args.image_size", "16"]
@@ -155,3 +162,42 @@ def test_figure2_has_a_colour_bar_on_the_maps_scale(tmp_path):
     assert colour_bars[0].get_ylim() == (0.0, 1.0)
     assert "|attribution|" in colour_bars[0].get_ylabel()
     assert save_figure(figure, tmp_path / "figure2.png").is_file()
+
+
+def test_fig3_sparse_command_holds_sparse_moreaugrad_at_sparsified_smoothgrads_zero_share(checkpoint, tmp_path):
+    figures.cli_main(["fig3_sparse", "--ckpt_path", str(checkpoint), *DATA, "--output_dir", str(tmp_path),
+                      "--samples", "3", "--rhos", "[0.3, 1]", "--sigmas", "[0.05, 0.2]", "--match_sigma", "0.2",
+                      "--num_steps", "20", "--nt_samples", "4"])
+    assert_written(tmp_path, "figure3_sparse")
+    numbers = json.loads((tmp_path / "figure3_sparse.json").read_text())
+    assert numbers["matched_to"] == "sparsified_smoothgrad at sigma=0.2" and numbers["samples"] == 3
+    # The matched share is Sparsified SmoothGrad's mean zero share at sigma = 0.2, computed here directly ...
+    model = load_classifier(checkpoint)
+    datamodule = DigitsDataModule(image_size=16)
+    datamodule.setup("test")
+    samples = select_samples(model, datamodule.test_dataset, 3)
+    maps = SparsifiedSmoothGrad(model, stdevs=0.2, nt_samples=4).attribute(samples.images, samples.predictions,
+                                                                           seeds=samples.seeds)
+    assert numbers["zero_fraction"] == pytest.approx(float(zero_fraction(maps).mean()), abs=1e-6)
+    assert 0 < numbers["zero_fraction"] < 1
+    # ... and every Sparse MoreauGrad map has it, within the search's tolerance, at every rho.
+    for low, high in numbers["sparse_moreaugrad_zero_range"]:
+        assert numbers["zero_fraction"] - 0.01 <= low <= high <= numbers["zero_fraction"] + 0.01
+
+
+def test_sparsity_matched_curves_at_a_given_share_match_direct_computation(model_and_samples):
+    model, samples = model_and_samples
+    curves = sparsity_matched_curves(model, samples, rhos=[0.2], sigmas=[0.1], target_zero_fraction=0.6, num_steps=10,
+                                     nt_samples=3, units="pixels")
+    assert curves.matched_to == "given" and curves.zero_fraction == 0.6
+    target, images = samples.predictions, samples.images
+    gradient = SimpleGradient(model).attribute(images, target)
+    sparse = SparseMoreauGrad(model, rho=0.2, step_size=0.02, num_steps=10, noise_std=0.0,
+                              target_zero_fraction=0.6).attribute(images, target)
+    sparsified = SparsifiedSmoothGrad(model, stdevs=0.1, nt_samples=3).attribute(images, target, seeds=samples.seeds)
+    assert curves.sparse_moreaugrad[0] == pytest.approx(float(normalized_distance(sparse, gradient).mean()), abs=1e-4)
+    assert curves.sparsified_smoothgrad[0] == pytest.approx(
+        float(normalized_distance(sparsified, gradient).mean()), abs=1e-4)
+    assert curves.sparsified_smoothgrad_zero[0] == pytest.approx(float(zero_fraction(sparsified).mean()), abs=1e-4)
+    with pytest.raises(ValueError, match="match_sigma=0.3 must be one of sigmas"):
+        sparsity_matched_curves(model, samples, rhos=[0.2], sigmas=[0.1], match_sigma=0.3)

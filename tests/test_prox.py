@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mglightning.explainers import group_soft_threshold, soft_threshold
+from mglightning.explainers import group_norms, group_soft_threshold, soft_threshold
 
 
 def test_soft_threshold_matches_the_papers_piecewise_definition():
@@ -85,3 +85,23 @@ def test_proximal_operators_reject_bad_arguments():
         group_soft_threshold(torch.ones(1, 1, 4, 8), 0.1, 3)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         group_soft_threshold(torch.ones(4, 4), 0.1, 2)
+
+
+def test_per_sample_thresholds_equal_one_call_per_sample():
+    values = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    thresholds = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
+    for operator in (soft_threshold, lambda v, a: group_soft_threshold(v, a, 2)):
+        batched = operator(values, thresholds)
+        for i, threshold in enumerate(thresholds.tolist()):
+            torch.testing.assert_close(batched[i : i + 1], operator(values[i : i + 1], threshold), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"shape \(B,\) with B = values.shape\[0\]"):
+        soft_threshold(values, thresholds[:2])
+    with pytest.raises(ValueError, match="non-negative"):
+        group_soft_threshold(values, torch.tensor([0.1, -1.0, 0.2]), 2)
+
+
+def test_group_norms_are_the_block_norms_across_channels():
+    values = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    norms = group_norms(values, 2)
+    assert norms.shape == (2, 2, 3)
+    assert norms[1, 1, 2].item() == pytest.approx(values[1, :, 2:4, 4:6].norm().item())

@@ -25,7 +25,7 @@ from mglightning.explainers.hessian import (
     smallest_eigenvalue,
 )
 from mglightning.explainers.moreaugrad import GroupSparseMoreauGrad, MoreauGrad, SparseMoreauGrad, moreau_surrogate
-from mglightning.explainers.prox import group_soft_threshold, soft_threshold
+from mglightning.explainers.prox import group_norms, group_soft_threshold, soft_threshold
 from mglightning.explainers.registry import EXPLAINERS, build_explainer, explainer_settings, list_explainers
 from mglightning.explainers.relex import RelEx
 
@@ -51,6 +51,7 @@ __all__ = [
     "SparsifiedSmoothGrad",
     "build_explainer",
     "explainer_settings",
+    "group_norms",
     "group_soft_threshold",
     "hessian_vector_product",
     "largest_eigenvalue",
