@@ -344,8 +344,13 @@ def test_the_captum_example_config_evaluates_end_to_end(digits_checkpoint, tmp_p
         "--config", str(ROOT / "configs" / "eval_digits_captum.yaml"),
         "--ckpt_path", str(digits_checkpoint),
         "--data.init_args.image_size", "16", "--data.init_args.batch_size", "2",
-        "--model.max_samples", "2", "--model.attack_steps", "2", "--model.bootstrap_samples", "20",
-        "--model.fidelity_steps", "0", "--model.convexity_iterations", "0", "--model.grid_samples", "0",
+        "--model.max_samples", "2", "--model.bootstrap_samples", "20",
+        "--model.attacks", json.dumps({"own": {"class_path": "mglightning.attacks.TopKInterpretationAttack",
+                                               "init_args": {"num_steps": 2}}}),
+        "--model.metrics", json.dumps({name: {"class_path": f"mglightning.metrics.{cls}"} for name, cls in (
+            ("distance", "NormalizedDistance"), ("topk", "TopKIntersection"), ("ssim", "SaliencySSIM"),
+            ("sparsity", "Sparsity"))}),
+        "--model.convexity_iterations", "0", "--model.grid_samples", "0",
         "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(tmp_path),
     ])
     run_dir = Path(cli.model.run_dir)
@@ -354,9 +359,9 @@ def test_the_captum_example_config_evaluates_end_to_end(digits_checkpoint, tmp_p
     assert list(results) == labels
     assert all(results[label]["samples"] == 2 for label in labels)
     run = json.loads((run_dir / "run.json").read_text())
-    surrogates = {row["method"]: row["surrogate"] for row in run["rows"]}
-    assert surrogates == {"simple_gradient": "self", "guided_backprop": "simple_gradient",
-                          "noise_tunnel_saliency": "simple_gradient"}
+    surrogates = {row["method"]: row["surrogates"] for row in run["rows"]}
+    assert surrogates == {"simple_gradient": {"own": "self"}, "guided_backprop": {"own": "simple_gradient"},
+                          "noise_tunnel_saliency": {"own": "simple_gradient"}}
     records = read_records(run_dir).set_index(["method", "index"]).sort_index()
     assert len(records) == 2 * len(labels)
     assert (records.loc["noise_tunnel_saliency", "evals_clean"] == 8).all()  # nt_samples

@@ -1,4 +1,4 @@
-"""The exact derivative of the MoreauGrad maps with respect to the input, by implicit differentiation (SPEC 3).
+"""The exact derivative of the MoreauGrad maps with respect to the input, by implicit differentiation (docs/semantics.md section 3).
 
 The solver returns the displacement `d = z* - x` and the map `A(x) = -d / rho`. The interpretation attack needs
 vector-Jacobian products `v^T dA/dx`; this module gives them without differentiating through the solver's steps,
@@ -64,18 +64,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from mglightning.explainers.base import ClassScore, graph_inputs
+from mglightning.explainers.base import ClassScore, Explainer, graph_inputs
 from mglightning.explainers.hessian import HessianOperator
 from mglightning.explainers.prox import check_group_size
 
-if TYPE_CHECKING:
-    from mglightning.explainers.moreaugrad import MoreauGrad
+# `explainer` below is a MoreauGrad-family explainer; its module imports this one, so the type is named, not imported.
 
 LinearOperator = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """`apply(vectors, samples) -> (K vectors, L vectors)` for the selected samples: the system's operator `K` and a
@@ -229,7 +228,7 @@ class _ImplicitSystem:
 
     def __init__(
         self,
-        explainer: MoreauGrad,
+        explainer: Explainer,
         points: Tensor,
         target: Tensor,
         seeds: Tensor | None,
@@ -297,7 +296,7 @@ class _ExactMoreauMap(torch.autograd.Function):
 
 
 def exact_moreau_map(
-    explainer: MoreauGrad,
+    explainer: Explainer,
     inputs: Tensor,
     displacement: Tensor,
     target: Tensor,
