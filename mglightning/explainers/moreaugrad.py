@@ -423,7 +423,7 @@ class _PenalisedMoreauGrad(MoreauGrad):
     fixed `eta` zeroes whole maps."""
 
     default_eta: ClassVar[float]
-    zero_unit: ClassVar[str]  # what one unit of zeros is, for error messages
+    zero_unit: ClassVar[str]  # what one unit of zeros is ("entry", "group"), for messages
 
     def _init_penalty(
         self, eta: float | None, target_zero_fraction: float | None, search_rounds: int, search_tolerance: float
@@ -501,7 +501,7 @@ class _PenalisedMoreauGrad(MoreauGrad):
         if not 0 < units < total:
             raise ValueError(
                 f"{type(self).__name__}: target_zero_fraction={self.target_zero_fraction} cannot be reached on "
-                f"{tuple(shape[1:])} inputs: zeros come in units of {self.zero_unit} ({quantum:.4g} of a map), so "
+                f"{tuple(shape[1:])} inputs: zeros come in units of one {self.zero_unit} ({quantum:.4g} of a map), so "
                 f"the closest share would be {units * quantum:g}; choose a target between {quantum:.4g} and "
                 f"{1 - quantum:.4g}."
             )
@@ -581,9 +581,9 @@ class _PenalisedMoreauGrad(MoreauGrad):
             warnings.warn(
                 f"{type(self).__name__}: the zero share of {int(missed.sum())} of {batch} maps is up to "
                 f"{float(best_miss.max()):.3g} from the target {goal:.4g} (search_tolerance={self.search_tolerance}): "
-                f"either no eta reaches it (the share jumps past the target, e.g. when several "
-                f"{self.zero_unit.split()[-1]}s reach zero at the same eta) or {self.search_rounds} search_rounds were "
-                "too few. They keep the closest map found.",
+                f"either no eta reaches it (the share jumps past the target where several of its {self.zero_unit} "
+                f"units reach zero at the same eta) or {self.search_rounds} search_rounds were too few. They keep the "
+                "closest map found.",
                 stacklevel=5,
             )
         return best
@@ -648,7 +648,7 @@ class SparseMoreauGrad(_PenalisedMoreauGrad):
     display_name = "Sparse MoreauGrad"
     family = "moreaugrad"
     default_eta = 5e-3
-    zero_unit = "one entry"
+    zero_unit = "entry"
 
     def __init__(
         self,
@@ -726,7 +726,7 @@ class GroupSparseMoreauGrad(_PenalisedMoreauGrad):
     display_name = "Group-sparse MoreauGrad"
     family = "moreaugrad"
     default_eta = 5e-2
-    zero_unit = "one group"
+    zero_unit = "group"
 
     def __init__(
         self,
