@@ -124,7 +124,7 @@ def load_cifar10_batch(path: str | Path) -> dict[str, Any]:
         raise DataFileError(
             f"{path} was refused: its pickle asks for {error.name}, which a CIFAR-10 batch never holds (only a dict "
             "of lists, strings, numbers and NumPy arrays), and unpickling it could run code. Nothing it names was "
-            f"run. Do not use this copy: {_redownload(path.parent)}"
+            f"run. Do not use this copy. {_redownload(path.parent)}"
         ) from None
     except Exception as error:  # unpickling a damaged file fails in many ways (EOFError, UnpicklingError, ...)
         raise DataFileError(

@@ -44,11 +44,14 @@ class VisibleImageFolder(ImageFolder):
     """
 
     def __init__(self, root: str | Path) -> None:
-        def is_valid_file(path: str) -> bool:
-            parts = Path(path).relative_to(root).parts
-            return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(_hidden(part) for part in parts)
+        root = str(root)
 
-        super().__init__(str(root), is_valid_file=is_valid_file)
+        def is_valid_file(path: str) -> bool:
+            # Paths are os.path.join(root, ...), so a hidden part below root shows as "/." after it. A string test:
+            # pathlib's relative_to costs 20 times as much, which adds up over ImageNet's 1.28M training images.
+            return has_file_allowed_extension(path, IMG_EXTENSIONS) and os.sep + "." not in path[len(root) :]
+
+        super().__init__(root, is_valid_file=is_valid_file)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _hidden(e.name))
