@@ -5,11 +5,14 @@ the model before any data is read. `batch_size` is global: each device loads `ba
 """
 
 from mglightning.data.base import (
+    MAX_IMAGE_PIXELS,
+    DataFileError,
     ImageDataModule,
     ImageFileDataset,
     InMemoryImageDataModule,
     TensorImageDataset,
     channel_stats,
+    read_rgb_image,
     stratified_split,
 )
 from mglightning.data.cifar10 import CIFAR10DataModule
@@ -20,7 +23,9 @@ from mglightning.data.synthetic import SyntheticDataModule
 from mglightning.data.tinyimagenet import TinyImageNetDataModule
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "CIFAR10DataModule",
+    "DataFileError",
     "DigitsDataModule",
     "ImageDataModule",
     "ImageFileDataset",
@@ -31,5 +36,6 @@ __all__ = [
     "TensorImageDataset",
     "TinyImageNetDataModule",
     "channel_stats",
+    "read_rgb_image",
     "stratified_split",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,6 +17,94 @@ from mglightning.data.evaluation import ExactlyOnceSampler, IndexedDataset
 from mglightning.data.transforms import to_tensor_transform
 
 Transform = Callable[[object], torch.Tensor]
+
+MAX_IMAGE_PIXELS = 2**26
+"""Images with more pixels than this (67,108,864, e.g. 8192 x 8192) are refused before they are decoded.
+
+Below Pillow's own decompression-bomb warning (`PIL.Image.MAX_IMAGE_PIXELS`, 89,478,485), which only warns; decoded
+as RGB such an image takes up to 192 MiB in every dataloader worker that reads it."""
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+"""Pillow's modes of single-channel 16-bit images (e.g. 16-bit grayscale PNGs and TIFFs)."""
+
+
+class DataFileError(ValueError):
+    """A data file that does not hold what its format says: the message names the file and what to do."""
+
+
+def read_rgb_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, size: int | None = None) -> Image.Image:
+    """Open an image file once and return it as 8-bit RGB, refusing it before decoding if it is too large.
+
+    Only the header is read before the checks, so an oversized file is never decoded. Single-channel 16-bit
+    images (modes `SIXTEEN_BIT_MODES`, and 16-bit PNG or PGM files that Pillow opens as mode `I`) are scaled to
+    8 bits by `round(v / 257)`, which maps 0..65535 onto 0..255 (Pillow's own conversion clips them to 255).
+    32-bit integer and float images, whose value range is not fixed, are refused. Other modes go through
+    `PIL.Image.convert("RGB")` (grayscale is repeated over the channels, alpha dropped, as torchvision does).
+
+    Args:
+        path: the image file.
+        max_pixels: refuse images with more pixels (width times height) than this.
+        size: if given, refuse images that are not `size` x `size` pixels.
+
+    Raises:
+        DataFileError: naming the file: not an image or damaged (e.g. a truncated JPEG), larger than `max_pixels`,
+            not of `size`, or of a mode with no fixed range.
+
+    Example:
+        >>> read_rgb_image("val/n01440764/ILSVRC2012_val_00000293.JPEG").mode  # doctest: +SKIP
+        'RGB'
+    """
+    damaged = "re-extract or re-download it, or remove it from the folder"
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns past its own limit; the check below, against max_pixels, decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:  # past twice Pillow's limit, Pillow refuses it itself
+        raise DataFileError(
+            f"{path} is too large: {error} The limit here is {max_pixels:,} pixels; it was not decoded. Shrink the "
+            "image or remove it from the folder."
+        ) from None
+    except FileNotFoundError:
+        raise
+    except (OSError, SyntaxError, ValueError) as error:  # Pillow's errors for files it cannot identify or parse
+        raise DataFileError(f"{path} cannot be read as an image ({error}); {damaged}.") from error
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise DataFileError(
+                f"{path} is {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,}; it "
+                "was not decoded. Shrink the image or remove it from the folder (or raise max_image_pixels if "
+                "the datamodule has it)."
+            )
+        if size is not None and (width, height) != (size, size):
+            raise DataFileError(
+                f"{path} is {width}x{height} pixels, but the images of this dataset are {size}x{size}; resize it "
+                f"to {size}x{size} or remove it from the folder."
+            )
+        try:
+            return _to_rgb(image, path)
+        except DataFileError:
+            raise
+        except (OSError, SyntaxError, ValueError) as error:  # e.g. "image file is truncated", raised decoding
+            raise DataFileError(f"{path} cannot be decoded ({error}); it is damaged: {damaged}.") from error
+
+
+def _to_rgb(image: Image.Image, path: str | Path) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format in ("PNG", "PPM")):
+        values = np.asarray(image).astype(np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise DataFileError(f"{path} holds values outside 0..65535 in a 16-bit image; it is damaged.")
+        # round(v / 257) exactly: 65535 = 255 * 257, and v / 257 is never halfway between two integers.
+        gray = ((values + 128) // 257).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode in ("I", "F"):
+        raise DataFileError(
+            f"{path} is a {'32-bit integer' if image.mode == 'I' else 'floating-point'} {image.format} image "
+            f"(Pillow mode {image.mode}), whose value range is not fixed, so it cannot be converted to 8-bit RGB "
+            "unambiguously; convert it to an 8-bit RGB (or 16-bit) PNG or JPEG."
+        )
+    return image.convert("RGB")
 
 
 class TensorImageDataset(Dataset):
@@ -48,28 +137,40 @@ class TensorImageDataset(Dataset):
 
 
 class ImageFileDataset(Dataset):
-    """Image files read with PIL (converted to RGB, so grayscale files get 3 channels), then `transform`.
+    """Image files read with `read_rgb_image` (8-bit RGB, so grayscale files get 3 channels), then `transform`.
+
+    Each item opens its file once; a damaged, oversized or (with `image_size`) wrong-sized file raises a
+    `DataFileError` naming it, before it is decoded where the header tells.
 
     Args:
         samples: `(path, class index)` pairs.
         transform: maps one RGB `PIL.Image` to a float32 `(3, H, W)` tensor in [0, 1].
+        image_size: if given, every image must be `image_size` x `image_size` pixels.
+        max_image_pixels: refuse images with more pixels than this.
 
     Example:
         >>> ds = ImageFileDataset([("val/n01/a.JPEG", 0)], transform=eval_transform)  # doctest: +SKIP
         >>> image, label = ds[0]  # doctest: +SKIP
     """
 
-    def __init__(self, samples: Sequence[tuple[str | Path, int]], transform: Transform) -> None:
+    def __init__(
+        self,
+        samples: Sequence[tuple[str | Path, int]],
+        transform: Transform,
+        image_size: int | None = None,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.image_size = image_size
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
+        rgb = read_rgb_image(path, max_pixels=self.max_image_pixels, size=self.image_size)
         return self.transform(rgb), int(label)
 
 

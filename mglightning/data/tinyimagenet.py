@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from mglightning.data.base import ImageDataModule, ImageFileDataset, stratified_split
+from mglightning.data.base import DataFileError, ImageDataModule, ImageFileDataset, Transform, stratified_split
 from mglightning.data.transforms import crop_flip_transform, to_tensor_transform
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -18,8 +18,12 @@ TINYIMAGENET_LAYOUT = """the extracted tiny-imagenet-200.zip (http://cs231n.stan
   <data_dir>/val/val_annotations.txt        tab-separated: file name, wnid, bounding box"""
 
 
+TINYIMAGENET_IMAGE_SIZE = 64
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    # Hidden files (e.g. macOS's "._name.JPEG" companions) are not images, whatever their extension.
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name[0] != ".")
 
 
 class TinyImageNetDataModule(ImageDataModule):
@@ -28,6 +32,9 @@ class TinyImageNetDataModule(ImageDataModule):
     The official test images have no labels, so the labelled `val/` set is the test set, and a seeded stratified
     `val_fraction` of the training images is held out for validation. Classes are indexed in the sorted order of
     `wnids.txt`; validation labels come from `val/val_annotations.txt`. Grayscale files are converted to RGB.
+    At setup, `wnids.txt` (no duplicates), the annotations (well-formed lines, known wnids, each file once) and the
+    class folders (none empty) are checked; every image is checked to be 64x64 when it is read, before it is
+    decoded (`read_rgb_image`), and a damaged one is named.
     Training augmentation: random 64x64 crop of the image zero-padded by 8 pixels, and horizontal flips.
     `mean`/`std` are the commonly used per-channel statistics of the training set.
 
@@ -75,8 +82,23 @@ class TinyImageNetDataModule(ImageDataModule):
             )
 
     def _class_ids(self) -> list[str]:
-        self._require(self.data_dir / "wnids.txt")
-        wnids = sorted(line.strip() for line in (self.data_dir / "wnids.txt").read_text().splitlines() if line.strip())
+        path = self.data_dir / "wnids.txt"
+        self._require(path)
+        lines = {}
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            wnid = line.strip()
+            if not wnid:
+                continue
+            if len(wnid.split()) > 1:
+                raise DataFileError(f"{path} line {number} is {line!r}; each line must hold one wnid and nothing else.")
+            if wnid in lines:
+                # A repeated class would shift the index of every class sorted after it.
+                raise DataFileError(
+                    f"{path} lists {wnid} twice (lines {lines[wnid]} and {number}), which would shift every label "
+                    "after it; remove the duplicate line."
+                )
+            lines[wnid] = number
+        wnids = sorted(lines)
         if len(wnids) != self.num_classes:
             raise ValueError(
                 f"{self.data_dir / 'wnids.txt'} lists {len(wnids)} classes but num_classes={self.num_classes}; "
@@ -95,26 +117,52 @@ class TinyImageNetDataModule(ImageDataModule):
         for index, wnid in enumerate(self._class_ids()):
             folder = self.data_dir / "train" / wnid / "images"
             self._require(folder)
-            samples += [(path, index) for path in _image_files(folder)]
+            files = _image_files(folder)
+            if not files:
+                raise DataFileError(
+                    f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}), so class {wnid} could not be learned; "
+                    "re-extract tiny-imagenet-200.zip."
+                )
+            samples += [(path, index) for path in files]
         train_indices, val_indices = stratified_split([label for _, label in samples], [self.val_fraction], self.seed)
         return (
-            ImageFileDataset([samples[i] for i in train_indices], crop_flip_transform(64, padding=8)),
-            ImageFileDataset([samples[i] for i in val_indices], to_tensor_transform()),
+            self._dataset([samples[i] for i in train_indices], crop_flip_transform(64, padding=8)),
+            self._dataset([samples[i] for i in val_indices], to_tensor_transform()),
         )
+
+    @staticmethod
+    def _dataset(samples: list[tuple[Path, int]], transform: Transform) -> ImageFileDataset:
+        return ImageFileDataset(samples, transform, image_size=TINYIMAGENET_IMAGE_SIZE)
 
     def _build_test_dataset(self) -> Dataset:
         class_index = {wnid: index for index, wnid in enumerate(self._class_ids())}
         annotations = self.data_dir / "val" / "val_annotations.txt"
         self._require(annotations)
-        samples = []
-        for line in annotations.read_text().splitlines():
+        samples, lines = [], {}
+        for number, line in enumerate(annotations.read_text().splitlines(), start=1):
             if not line.strip():
                 continue
-            file_name, wnid = line.split("\t")[:2]
+            fields = line.split("\t")
+            if len(fields) < 2 or not fields[0] or not fields[1]:
+                raise DataFileError(
+                    f"{annotations} line {number} is {line!r}; expected tab-separated fields: file name, wnid and "
+                    "the bounding box (x0, y0, x1, y1), as in the official file. Re-extract tiny-imagenet-200.zip "
+                    "(an editor or copy may have turned the tabs into spaces)."
+                )
+            file_name, wnid = fields[0], fields[1]
             if wnid not in class_index:
-                raise ValueError(f"{annotations} names class {wnid!r}, which is not in {self.data_dir / 'wnids.txt'}.")
+                raise DataFileError(
+                    f"{annotations} line {number} names class {wnid!r}, which is not in "
+                    f"{self.data_dir / 'wnids.txt'}; labels must be wnids listed there."
+                )
+            if file_name in lines:
+                raise DataFileError(
+                    f"{annotations} lists {file_name} twice (lines {lines[file_name]} and {number}); each "
+                    "validation image must have one label. Remove the duplicate line."
+                )
+            lines[file_name] = number
             path = self.data_dir / "val" / "images" / file_name
             self._require(path)
             samples.append((path, class_index[wnid]))
         # Sorted by file name so that dataset indices do not depend on the annotation file's line order.
-        return ImageFileDataset(sorted(samples), to_tensor_transform())
+        return self._dataset(sorted(samples), to_tensor_transform())
