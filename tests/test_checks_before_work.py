@@ -105,6 +105,16 @@ def test_the_data_linked_settings_are_compared_too(run):
     assert tree(run) == before
 
 
+def test_testing_a_checkpoint_with_other_model_settings_is_refused_too(run):
+    # LightningCLI would test the checkpoint's model while the config (and its logs) say width 8.
+    args = tiny_digits_args(run, "--ckpt_path", str(run / "ckpt" / "last.ckpt"))
+    args = with_setting(args, "--model.model_kwargs", '{"activation": "softplus", "beta": 1.0, "width": 8}')
+    before = tree(run)
+    with pytest.raises(SettingsRefused, match=r"'width': 8\} in the config, .*'width': 4\} in the checkpoint"):
+        train.cli_main(["test", *args[1:]])  # tiny_digits_args starts with "fit"
+    assert tree(run) == before
+
+
 def test_settings_differences_compares_values_not_their_spelling():
     same = {"mean": [0.1, 0.2], "adversarial": {"mode": "none", "epsilon": 1.0}, "lr": 1, "_instantiator": "a"}
     stored = {"mean": (0.1, 0.2), "adversarial": {"mode": "none", "epsilon": 1.0}, "lr": 1.0, "_instantiator": "b"}
