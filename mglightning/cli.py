@@ -71,13 +71,14 @@ class TrainCLI(LightningCLI):
     Checked before anything is trained or written (`SettingsRefused`, naming the settings): `trainer.max_epochs`
     and `trainer.max_steps` must let `fit` train (not 0), a cosine schedule needs a finite number of epochs, and
     the model settings of a `--ckpt_path` checkpoint must equal the config's (LightningCLI would otherwise
-    silently replace the config's model settings with the checkpoint's).
+    silently replace the config's model settings with the checkpoint's), and a resumed `fit` must have epochs
+    (steps) left to train.
     """
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # Lightning 2.6 adds `--weights_only` to every subcommand; passing false would let `--ckpt_path` run code
-        # from the file. train.py's checkpoints never need it, so it is not offered (reading: `_read_weights_only`).
+        # from the file. train.py's checkpoints never need it, so it is not offered (see `fit` and the others below).
         return {name: {*skipped, "weights_only"} for name, skipped in LightningCLI.subcommands().items()}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -107,10 +108,12 @@ class TrainCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         self._checkpoint_settings = None
+        self._checkpoint_progress = None
         if ckpt_path and Path(ckpt_path).is_file():
             content = read_weights_file(ckpt_path)
             if isinstance(content, dict) and isinstance(content.get("hyper_parameters"), dict):
                 self._checkpoint_settings = content["hyper_parameters"]
+                self._checkpoint_progress = training_progress(content)
 
     def _parse_ckpt_path(self) -> None:
         """Not LightningCLI's: it replaces the config's model settings with the checkpoint's, silently.
@@ -140,6 +143,8 @@ class TrainCLI(LightningCLI):
             differences = settings_differences(dict(self.model.hparams), self._checkpoint_settings)
             if differences:
                 raise SettingsRefused(checkpoint_mismatch_message(ckpt_path, differences, self.trainer))
+            if subcommand == "fit" and self._checkpoint_progress is not None:
+                check_resume_trains(ckpt_path, *self._checkpoint_progress, self.trainer)
 
     # LightningCLI runs the subcommand through these methods: each reads `--ckpt_path` with weights_only=True,
     # whatever torch's default or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD say, so that a checkpoint cannot run code
@@ -195,20 +200,46 @@ class SettingsRefused(ValueError):
 
 
 def check_training_length(trainer_config) -> None:
-    """Refuse `trainer.max_epochs` or `trainer.max_steps` that let `fit` train nothing (0) or mean nothing.
+    """Refuse `trainer.max_epochs` or `trainer.max_steps` that let `fit` train nothing (0) or are no limit (< -1).
 
     `fit` with `max_epochs 0` would "finish" at once and test and link the untrained model. -1 (no limit) and
-    unset (Lightning's default) are kept; Lightning refuses other negative values itself, with less to go on.
+    unset (Lightning's default) are kept.
     """
     for name in ("max_epochs", "max_steps"):
         value = trainer_config.get(name)
         if value is not None and (value == 0 or value < -1):
             raise SettingsRefused(
-                f"trainer.{name} {value} would train nothing: give a positive number of "
+                f"trainer.{name} {value} {'would train nothing' if value == 0 else 'is not a limit'}: give a "
+                "positive number of "
                 f"{'epochs' if name == 'max_epochs' else 'optimizer steps'} (or -1 for no limit"
                 + (", with max_steps or max_time to stop" if name == "max_epochs" else "")
                 + "). To test a checkpoint without training, use `train.py test --ckpt_path <file>`. Nothing was "
                 "trained or written."
+            )
+
+
+def training_progress(checkpoint: dict) -> tuple[int, int] | None:
+    """`(epochs, steps)` a Lightning checkpoint has trained: its fit loop's processed epochs (what the loop
+    compares with `max_epochs` when it resumes) and its global step; None where it does not hold them."""
+    try:
+        epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+        steps = checkpoint["global_step"]
+    except (KeyError, TypeError):
+        return None
+    return (epochs, steps) if isinstance(epochs, int) and isinstance(steps, int) else None
+
+
+def check_resume_trains(ckpt_path: str, epochs: int, steps: int, trainer: pl.Trainer) -> None:
+    """Refuse a resume whose `max_epochs`/`max_steps` the checkpoint has reached already: `fit` would train
+    nothing, then test the checkpoint's model as if it were this run's."""
+    for name, done, limit, unit in (("max_epochs", epochs, trainer.max_epochs, "epochs"),
+                                    ("max_steps", steps, trainer.max_steps, "optimizer steps")):
+        if limit is not None and limit != -1 and done >= limit:
+            raise SettingsRefused(
+                f"The checkpoint {ckpt_path!r} has trained {done} {unit} already, and trainer.{name} {limit} counts "
+                f"the {unit} of the whole training, so resuming it would train nothing. Give trainer.{name} "
+                f"greater than {done} (e.g. {done + max(limit, 1)} for {max(limit, 1)} more). Nothing was trained "
+                "or written."
             )
 
 
@@ -224,7 +255,8 @@ def checkpoint_mismatch_message(ckpt_path: str, differences: dict, trainer: pl.T
                  if root is not None else "")
     return (
         f"The checkpoint {ckpt_path!r} was trained with other model settings than this run's config: {listed}. "
-        "A resumed run continues the checkpoint's training, so the two must agree; nothing was trained or written."
+        "Its weights and training state belong to its own settings, so the two must agree; nothing was trained "
+        "or written."
         + untouched
         + " Resume with the settings it was trained with (train.py saved them as config.yaml in that run's log "
         "folder, e.g. `--config logs/<experiment>/version_<n>/config.yaml`, or override the settings named "

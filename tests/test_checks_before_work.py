@@ -131,7 +131,8 @@ def test_settings_differences_compares_values_not_their_spelling():
     ("extra", "named"),
     [
         (("--trainer.max_epochs", "0", "--model.scheduler", "constant"), r"trainer.max_epochs 0 would train nothing"),
-        (("--trainer.max_epochs", "-2", "--model.scheduler", "constant"), r"trainer.max_epochs -2 would train nothing"),
+        (("--trainer.max_epochs", "-2", "--model.scheduler", "constant"),
+         r"trainer.max_epochs -2 is not a limit: give a positive"),
         (("--trainer.max_steps", "0"), r"trainer.max_steps 0 would train nothing"),
         (("--trainer.max_epochs", "-1", "--trainer.max_steps", "8"),
          r"model.scheduler 'cosine' .* trainer.max_epochs.* no epoch limit"),
@@ -141,6 +142,19 @@ def test_a_training_that_cannot_run_as_asked_is_refused_before_it_writes(tmp_pat
     with pytest.raises(SettingsRefused, match=named):
         train.cli_main(tiny_digits_args(tmp_path, *extra))
     assert not list(tmp_path.iterdir()), "a refused training wrote something"
+
+
+def test_resuming_a_checkpoint_that_reached_max_epochs_is_refused(run):
+    # The checkpoint trained 1 epoch; `fit` with max_epochs 1 would stop at once and test it as this run's model.
+    before = tree(run)
+    last = run / "ckpt" / "last.ckpt"
+    with pytest.raises(SettingsRefused, match=r"has trained 1 epochs already, and trainer.max_epochs 1 counts.*"
+                       r"greater than 1 \(e.g. 2 for 1 more\)"):
+        train.cli_main(tiny_digits_args(run, "--ckpt_path", str(last)))
+    with pytest.raises(SettingsRefused, match=r"has trained 4 optimizer steps already, and trainer.max_steps 3"):
+        train.cli_main(tiny_digits_args(run, "--ckpt_path", str(last), "--trainer.max_epochs", "3",
+                                        "--trainer.max_steps", "3"))
+    assert tree(run) == before
 
 
 def test_a_refused_training_leaves_the_previous_runs_links(run):
