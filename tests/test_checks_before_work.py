@@ -87,6 +87,24 @@ def test_a_resume_with_other_model_settings_is_refused_and_changes_nothing(run, 
     assert tree(run) == before, "a refused resume wrote or moved something"
 
 
+def test_train_py_prints_the_refusal_without_a_traceback_and_exits_1(run, monkeypatch):
+    import runpy
+    import sys
+
+    last = run / "ckpt" / "last.ckpt"
+    args = with_setting(tiny_digits_args(run, "--trainer.max_epochs", "2", "--ckpt_path", str(last)),
+                        "--model.model_kwargs", '{"activation": "softplus", "beta": 1.0, "width": 8}')
+    before = tree(run)
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    with pytest.raises(SystemExit) as stop:  # in-process: a subprocess would spend most of a minute importing
+        runpy.run_path(str(script), run_name="__main__")
+    # SystemExit with a message: Python prints it to stderr, without a traceback, and exits with status 1.
+    assert isinstance(stop.value.code, str) and stop.value.code.startswith("error: The checkpoint")
+    assert "'width': 8} in the config" in stop.value.code
+    assert tree(run) == before
+
+
 def test_a_resume_with_the_checkpoints_settings_goes_on(run):
     last = run / "ckpt" / "last.ckpt"
     cli = train.cli_main(tiny_digits_args(run, "--trainer.max_epochs", "2", "--ckpt_path", str(last),
