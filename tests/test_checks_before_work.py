@@ -19,6 +19,7 @@ from mglightning.metrics import DeletionInsertionAUC
 from mglightning.metrics.fidelity import deletion_insertion_auc
 from mglightning.models import ClassifierSource, build_classifier
 from mglightning.modules.classifier import settings_differences
+from test_adversarial_training import tiny_adv_args
 from test_evaluate import _synthetic_args
 from test_train import tiny_digits_args
 
@@ -111,6 +112,14 @@ def test_a_resume_with_the_checkpoints_settings_goes_on(run):
                                           "--test_after_fit", "false"))
     assert cli.model.hparams.model_kwargs["width"] == 4 and cli.trainer.current_epoch == 2
     assert os.readlink(run / "ckpt" / "last.ckpt") == os.path.join("version_1", "last.ckpt")
+
+
+def test_an_adversarial_resume_with_its_own_settings_goes_on(tmp_path):
+    # The adversarial settings are a dataclass in the config and a plain dict in the checkpoint: not a difference.
+    train.cli_main(tiny_adv_args("digits_adv_group.yaml", tmp_path))
+    cli = train.cli_main(tiny_adv_args("digits_adv_group.yaml", tmp_path, "--trainer.max_epochs", "2",
+                                       "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")))
+    assert cli.trainer.current_epoch == 2
 
 
 def test_the_data_linked_settings_are_compared_too(run):
