@@ -1,8 +1,9 @@
 """Settings that cannot give a meaningful run are refused before any work, naming the setting, touching nothing.
 
 A resumed training whose model settings differ from its checkpoint's, a training that would train nothing
-(`max_epochs 0`) or a cosine schedule without an epoch limit, an architecture without weights, a NaN baseline of
-the deletion/insertion metric, and the `--weights_only` option that would let a checkpoint run code.
+(`max_epochs 0`, a resume past its checkpoint's `max_epochs`) or a cosine schedule without an epoch limit, an
+architecture without weights, a NaN baseline of the deletion/insertion metric, and the `--weights_only` option
+that would let a checkpoint run code (docs/guides/reliability.md, "Settings checked before work").
 """
 
 import os
