@@ -339,11 +339,14 @@ def test_input_size_and_output_count_are_checked_before_the_run():
 
 
 def test_relu_networks_get_a_warning_naming_the_softplus_variant(recwarn):
-    build_classifier(ClassifierSource(arch="resnet18", model_kwargs={"width": 4, "activation": "softplus"}), **DATA)
+    def untrained(activation: str) -> ClassifierSource:
+        return ClassifierSource(arch="resnet18", model_kwargs={"width": 4, "activation": activation}, random_weights=True)
+
+    build_classifier(untrained("softplus"), **DATA)
     build_classifier(ClassifierSource(module=TinyNet()), **DATA)
     assert not [w for w in recwarn if "ReLU" in str(w.message)]
     with pytest.warns(UserWarning, match="ReLU-type activations.*top-k interpretation attack.*activation: softplus"):
-        build_classifier(ClassifierSource(arch="resnet18", model_kwargs={"width": 4, "activation": "relu"}), **DATA)
+        build_classifier(untrained("relu"), **DATA)
 
 
 @pytest.mark.parametrize(

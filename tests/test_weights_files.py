@@ -212,8 +212,8 @@ def test_a_checkpoint_of_another_width_names_the_file_and_the_tensors(checkpoint
 
 
 def test_loading_a_checkpoint_of_another_width_into_the_module_names_the_file_and_the_setting(checkpoint):
-    # train.py fit/test --ckpt_path take the model's settings from the checkpoint (LightningCLI); the Python API
-    # puts a module of other settings and a checkpoint together.
+    # train.py refuses a --ckpt_path whose settings differ from the config's before it builds a trainer
+    # (tests/test_checks_before_work.py); the Python API can still put a module and such a checkpoint together.
     data = DigitsDataModule(image_size=16)
     module = ClassifierModule(num_classes=10, image_size=16, mean=list(data.mean), std=list(data.std), lr=0.05,
                               model_kwargs={"activation": "softplus", "width": 8})

@@ -21,6 +21,7 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -53,9 +54,25 @@ class DeletionInsertionCurves(NamedTuple):
     insertion: Tensor
 
 
-def _check_settings(steps: int, internal_batch_size: int | None) -> None:
+def _check_settings(steps: int, baseline: float | Tensor, internal_batch_size: int | None) -> None:
     check_positive_int(OWNER, "steps", steps)
     check_internal_batch_size(OWNER, internal_batch_size)
+    _check_baseline(baseline)
+
+
+def _check_baseline(baseline: float | Tensor) -> None:
+    """A number or a tensor, finite: a NaN baseline makes every curve point NaN, so the areas come out `nan`."""
+    if isinstance(baseline, Tensor):
+        if not torch.isfinite(baseline).all():
+            raise ValueError(
+                f"{OWNER}: baseline must be finite; the tensor given holds "
+                f"{int((~torch.isfinite(baseline)).sum())} NaN or infinite values."
+            )
+        return
+    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
+        raise ValueError(f"{OWNER}: baseline must be a number or a tensor, got {type(baseline).__name__}.")
+    if not math.isfinite(baseline):
+        raise ValueError(f"{OWNER}: baseline must be a finite number (0 is a black image), got {baseline!r}.")
 
 
 def _baseline_like(baseline: float | Tensor, inputs: Tensor) -> Tensor:
@@ -67,8 +84,6 @@ def _baseline_like(baseline: float | Tensor, inputs: Tensor) -> Tensor:
                 f"{OWNER}: baseline of shape {tuple(baseline.shape)} does not broadcast to the inputs' shape "
                 f"{tuple(inputs.shape)}; pass a number or an image batch (e.g. a blurred copy of the inputs)."
             ) from None
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
-        raise ValueError(f"{OWNER}: baseline must be a number or a tensor, got {type(baseline).__name__}.")
     return torch.full_like(inputs, float(baseline))
 
 
@@ -87,7 +102,7 @@ def _deletion_insertion_update(
         raise ValueError(
             f"{OWNER}: maps must be shaped like the inputs {tuple(inputs.shape)}, got {tuple(maps.shape)}."
         )
-    _check_settings(steps, internal_batch_size)
+    _check_settings(steps, baseline, internal_batch_size)
     target = format_target(target, inputs)
     base = _baseline_like(baseline, inputs)
     inputs = inputs.detach()
@@ -220,7 +235,7 @@ class DeletionInsertionAUC(SampleMetric):
         internal_batch_size: int | None = 256,
         **kwargs: Any,
     ) -> None:
-        _check_settings(steps, internal_batch_size)
+        _check_settings(steps, baseline, internal_batch_size)
         super().__init__(**kwargs)
         self.model = model
         self.steps = steps

@@ -6,7 +6,8 @@ A `ClassifierSource` names exactly one of:
   weights and the normalisation);
 - `arch`: a registered architecture (`resnet18`) or `timm/<name>`, with `pretrained: true` (timm's pretrained
   weights, read from the local Hugging Face or timm cache, or from a `weights` file; never downloaded at run
-  time) or a plain state dict file as `weights`;
+  time) or a plain state dict file as `weights` (without either, only with `random_weights: true`: an
+  untrained network is refused unless asked for);
 - `module`: any `nn.Module` (in YAML by `class_path`/`init_args`), with optional `weights`.
 
 `build_classifier` loads it, puts the normalisation first (the model takes [0, 1] pixels, docs/semantics.md
@@ -64,6 +65,7 @@ class ClassifierSource:
     classifier:
       module: {class_path: my_package.MyNet, init_args: {depth: 4}}
       weights: my_net.pt
+    classifier: {arch: resnet18, random_weights: true}   # an untrained network, on purpose
     ```
 
     Args:
@@ -89,6 +91,9 @@ class ClassifierSource:
         normalize: False for a model that normalises its input itself: it then gets the [0, 1] pixels unchanged.
         class_subset: for a model with more outputs than the data has classes: the model's output index of each
             of the data's classes, in the data's class order (e.g. the ImageNet indices of a 10-class subset).
+        random_weights: evaluate an `arch` with the random weights it is initialised with (no `weights`, no
+            `pretrained`), e.g. as an untrained reference. Without it such an `arch` is refused: explaining an
+            untrained network by mistake gives results that look like any others. A `module` is used as built.
 
     Example:
         >>> source = ClassifierSource(arch="resnet18", weights="resnet18.pt", model_kwargs={"width": 16})
@@ -106,6 +111,7 @@ class ClassifierSource:
     std: list[float] | None = None
     normalize: bool = True
     class_subset: list[int] | None = None
+    random_weights: bool = False
 
     def __post_init__(self) -> None:
         forms = [name for name in ("checkpoint", "arch", "module") if getattr(self, name) is not None]
@@ -144,6 +150,21 @@ class ClassifierSource:
                     "class_subset must list distinct, non-negative model output indices, one per class of the "
                     f"data; got {indices}."
                 )
+        untrained = self.arch is not None and self.weights is None and not self.pretrained
+        if untrained and not self.random_weights:
+            raise ValueError(
+                f"The classifier `arch: {self.arch}` has no weights, so it would be evaluated with random ones. "
+                "Give its trained weights: `weights: <file>` (a state dict or .safetensors file of this arch and "
+                "model_kwargs)"
+                + (", `pretrained: true` (timm's pretrained weights)" if is_timm else "")
+                + " or a train.py checkpoint (`checkpoint: <file>`, or --ckpt_path <file>); or set "
+                "`random_weights: true` to evaluate the untrained network on purpose."
+            )
+        if self.random_weights and not untrained:
+            raise ValueError(
+                "random_weights: true is for an `arch` given without `weights` or `pretrained`; this classifier "
+                "has weights (or is a `checkpoint` or `module`): drop random_weights."
+            )
 
 
 def as_classifier_source(source: ClassifierSource | str | os.PathLike) -> ClassifierSource:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-
+import math
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -145,11 +145,11 @@ class ClassifierModule(pl.LightningModule):
             return
         # The file's name, where a trainer reads it (fit/test with ckpt_path; not load_from_checkpoint's call).
         path = self._trainer.ckpt_path if self._trainer is not None else None
-        stored = checkpoint.get("hyper_parameters", {})
         differences = [
-            f"{name}={stored[name]!r} in the checkpoint, {self.hparams[name]!r} in this run"
-            for name in self.hparams
-            if name in stored and not name.startswith("_") and _as_lists(stored[name]) != _as_lists(self.hparams[name])
+            f"{name}={stored!r} in the checkpoint, {current!r} in this run"
+            for name, (current, stored) in settings_differences(
+                self.hparams, checkpoint.get("hyper_parameters", {})
+            ).items()
         ]
         raise ValueError(
             f"The checkpoint{f' {str(path)!r}' if path else ''} does not fit the model of this run: {problems}."
@@ -180,13 +180,34 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
-def _as_lists(value: Any) -> Any:
-    """`value` with tuples as lists: a checkpoint's (0.5, 0.5) and a config's [0.5, 0.5] are the same setting."""
-    if isinstance(value, (list, tuple)):
-        return [_as_lists(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _as_lists(item) for key, item in value.items()}
-    return value
+def settings_differences(settings: Mapping[str, Any], stored: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The hyperparameters that differ between a run's `settings` and a checkpoint's `stored` ones.
+
+    Returns `{name: (run's value, checkpoint's value)}` for the names both hold (Lightning's own `_`-prefixed
+    entries left out). A tuple and a list with the same items are the same setting (a checkpoint stores
+    `(0.5, 0.5)` where a config says `[0.5, 0.5]`), and so are numbers equal to float precision (a mean computed
+    from the data twice).
+
+    Example:
+        >>> settings_differences({"lr": 0.1, "mean": [0.5]}, {"lr": 0.05, "mean": (0.5,)})
+        {'lr': (0.1, 0.05)}
+    """
+    return {
+        name: (settings[name], stored[name])
+        for name in settings
+        if name in stored and not name.startswith("_") and not _same_setting(settings[name], stored[name])
+    }
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same_setting(a[key], b[key]) for key in a)
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return type(a) is type(b) and a == b
 
 
 def load_classifier(

@@ -80,8 +80,9 @@ class ExplanationEvaluator(pl.LightningModule):
 
     Args:
         classifier: the classifier: a `train.py` checkpoint path, or a `ClassifierSource` (`{checkpoint}`,
-            `{arch: timm/<name>, pretrained: true}`, `{arch, weights}`, `{module: {class_path, init_args}}`),
-            with the data's normalisation as its first layer.
+            `{arch: timm/<name>, pretrained: true}`, `{arch, weights}`, `{module: {class_path, init_args}}`, or
+            `{arch, random_weights: true}` for an untrained network on purpose), with the data's normalisation as
+            its first layer.
         explainers: `{label: explainer}` in YAML as `{class_path: mglightning.explainers.MoreauGrad, init_args:
             {rho: 0.06}}` (the model is passed in); the label names the method's results rows.
         attacks: `{label: attack}` in YAML as `{class_path: mglightning.attacks.TopKInterpretationAttack,
