@@ -1,6 +1,6 @@
 """References to files of the repository, in its documents, configs and docstrings, name files that exist.
 
-A path such as `configs/figures_digits.yaml` or `docs/semantics.md` in the README, in `docs/`, in a config's
+A path such as `configs/figures_digits.yaml` or `docs/reference/semantics.md` in the README, in `docs/`, in a config's
 comments or in a module's text must be in the repository, and a Markdown link to a local file must resolve.
 A checkpoint `checkpoints/<experiment>/...` must be one that a training config writes (its `checkpoint.dirpath`)
 or a command in the same text writes (`--checkpoint.dirpath`).
@@ -67,7 +67,7 @@ def missing_paths(path: Path) -> list[str]:
 
 
 def test_the_documents_cite_no_spec_file():
-    """The semantics live in docs/semantics.md; a "SPEC 3" points at a file the repository does not have."""
+    """The semantics live in docs/reference/semantics.md; a "SPEC 3" points at a file the repository does not have."""
     documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").rglob("*.yaml"))]
     for path in documents:
         assert not re.search(r"\bSPEC\b", path.read_text()), f"{path.relative_to(ROOT)} cites a SPEC"
@@ -75,7 +75,7 @@ def test_the_documents_cite_no_spec_file():
 
 def test_the_checker_finds_references():
     references = PATH.findall((ROOT / "README.md").read_text())
-    assert "docs/semantics.md" in references and "configs/digits.yaml" in references
+    assert "docs/reference/semantics.md" in references and "configs/digits.yaml" in references
     assert PATH.findall("see configs/<name>.yaml") == ["configs/<name>.yaml"]  # skipped as a placeholder
     assert {"digits", "patches"} <= trained_experiments()
 
