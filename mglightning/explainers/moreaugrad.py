@@ -626,10 +626,11 @@ class SparseMoreauGrad(_PenalisedMoreauGrad):
     nearest such share (`achievable_zero_fraction`). `last_eta` (`(B,)`, CPU) holds each sample's `eta` after a call
     (the setting itself with a fixed `eta`).
 
+    `model`, `rho`, `step_size`, `num_steps`, `noise_std`, `noise_samples`, `average_last`, `internal_batch_size`,
+    `tol`, `tol_window`, `accelerate`, `autocast`, `channels_last`, `score`, `graph`, `graph_tol`, `graph_max_iter`
+    and `graph_noise_samples` are as in `MoreauGrad`.
+
     Args:
-        model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score, graph, graph_tol, graph_max_iter,
-            graph_noise_samples: as in `MoreauGrad`.
         eta: L1 coefficient `eta >= 0`; `None` (default) is the official code's 5e-3 unless `target_zero_fraction`
             is given. Exclusive with `target_zero_fraction`.
         target_zero_fraction: the share of exactly-zero entries of every map, in (0, 1), instead of `eta`
@@ -707,10 +708,11 @@ class GroupSparseMoreauGrad(_PenalisedMoreauGrad):
     `group_size^2 / (H W)`: the target is rounded to the nearest multiple (e.g. 0.3 becomes 19/64 = 0.297 for 32x32
     images and `group_size=4`), and a target that would round to no group or to all of them is refused.
 
+    `model`, `rho`, `step_size`, `num_steps`, `noise_std`, `noise_samples`, `average_last`, `internal_batch_size`,
+    `tol`, `tol_window`, `accelerate`, `autocast`, `channels_last`, `score`, `graph`, `graph_tol`, `graph_max_iter`
+    and `graph_noise_samples` are as in `MoreauGrad`.
+
     Args:
-        model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score, graph, graph_tol, graph_max_iter,
-            graph_noise_samples: as in `MoreauGrad`.
         eta: group-norm coefficient `eta >= 0`; `None` (default) is the official code's 5e-2 unless
             `target_zero_fraction` is given. Exclusive with `target_zero_fraction`.
         group_size: block side; must divide the image height and width (default 14, for 224x224 images; use
