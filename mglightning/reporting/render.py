@@ -3,7 +3,7 @@
 A results table in README.md or a docs page sits between two markers that name its renderer and its file
 (a path from the repository root):
 
-    <!-- table: renderer=evaluation file=docs/results/demo/results.json -->
+    <!-- table: renderer=evaluation file=docs/results/<name>.json -->
     | method | ... |
     <!-- /table -->
 
@@ -14,7 +14,7 @@ A marked table whose file is not committed yet keeps its text and is reported as
 
 Every results file records what produced it (its `provenance`: the command, the commit, the machine and `n`, the
 number of samples or repetitions), and every rendered table ends with that line. `record` writes such a file:
-from a command that prints JSON (`record OUT --n 16 -- python benchmarks/x.py --json`), or from a file a run
+from a command that prints JSON (`record OUT --n 16 -- python benchmarks/<script>.py --json`), or from a file a run
 wrote (`record OUT --n 16 --from logs/eval_digits/version_0/results.json --command "python evaluate.py ..."`).
 
 Renderers are named in `RENDERERS` by dotted path (`module:function`, imported only when a table uses it, so a
@@ -216,12 +216,12 @@ def record(arguments: argparse.Namespace, root: Path) -> Path:
     else:
         if not arguments.run:
             raise SystemExit("record needs a command after `--` (one that prints JSON), or --from FILE --command CMD.")
-        completed = subprocess.run(arguments.run, cwd=root, capture_output=True, text=True)
+        completed = subprocess.run(arguments.run, cwd=root, capture_output=True, text=True, check=False)
         if completed.returncode != 0:
             raise SystemExit(f"{shlex.join(arguments.run)} failed (status {completed.returncode}):\n{completed.stderr}")
         results = json.loads(completed.stdout)
         command = shlex.join(arguments.run)
-    output = Path(arguments.output)
+    output = root / arguments.output  # from the repository root, as the markers' file=
     output.parent.mkdir(parents=True, exist_ok=True)
     document = {"provenance": provenance(command, arguments.n, root), "results": results}
     output.write_text(json.dumps(document, indent=1, allow_nan=False) + "\n")
@@ -237,16 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 when a table differs")
     commands = parser.add_subparsers(dest="action")
     recorder = commands.add_parser("record", help="write a results file with its provenance")
-    recorder.add_argument("output", help="the results file to write, e.g. docs/results/<name>.json")
+    recorder.add_argument("output", help="the results file to write, from the root: docs/results/<name>.json")
     recorder.add_argument("--n", type=int, required=True, help="samples (or repetitions) behind the numbers")
     recorder.add_argument("--from", dest="source", help="a JSON file a run wrote (instead of a command's output)")
     recorder.add_argument("--command", dest="command_text", help="with --from: the command that wrote the file")
-    recorder.add_argument("run", nargs=argparse.REMAINDER, help="-- the command that prints JSON")
-    arguments = parser.parse_args(argv)
+    # `record OUT --n N -- COMMAND ...`: everything after `--` is the command (argparse would read its options).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run = argv[argv.index("--") + 1:] if "--" in argv else []
+    arguments = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    arguments.run = run
     root = Path(arguments.root)
     if arguments.action == "record":
-        if arguments.run[:1] == ["--"]:
-            arguments.run = arguments.run[1:]
         print(f"wrote {record(arguments, root)}")
         return 0
     check = arguments.check
