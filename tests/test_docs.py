@@ -37,16 +37,25 @@ def test_the_readme_has_the_cifar10_study_table_marked():
 MARKED = [table for page in PAGES for table in render.marked_tables(page)]
 
 
+def table_problem(table: render.MarkedTable, root: Path) -> str | None:
+    """Why a marked table is not what its committed results file renders (None: it is)."""
+    path = root / table.file
+    provenance = json.loads(path.read_text()).get("provenance") or {}
+    if not set(render.PROVENANCE_KEYS) <= set(provenance):
+        return (f"{table.file} must record what produced it: a 'provenance' with {list(render.PROVENANCE_KEYS)} "
+                "(`python -m mglightning.reporting.render record` writes it)")
+    if table.text != render.renderer(table.renderer)(path).rstrip("\n"):
+        return (f"{table.page.name}:{table.line}: the table differs from what {table.file} renders; run "
+                "`python -m mglightning.reporting.render` (never edit a rendered table by hand)")
+    return None
+
+
 @pytest.mark.parametrize("table", MARKED, ids=lambda table: f"{table.page.relative_to(ROOT)}:{table.line}")
 def test_every_marked_table_is_what_its_file_renders(table):
-    path = ROOT / table.file
-    if not path.is_file():
+    if not (ROOT / table.file).is_file():
         pytest.skip(f"{table.file} is not committed yet: the table is pending (render leaves it as it is)")
-    expected = render.renderer(table.renderer)(path).rstrip("\n")
-    assert table.text == expected, (
-        f"{table.page.relative_to(ROOT)}:{table.line}: the table differs from what {table.file} renders; "
-        "run `python -m mglightning.reporting.render` (never edit a rendered table by hand)"
-    )
+    problem = table_problem(table, ROOT)
+    assert problem is None, problem
 
 
 def result_row(method: str, topk: float) -> ResultRow:
@@ -96,7 +105,11 @@ def test_render_writes_the_table_and_its_provenance_between_the_markers(document
 def test_a_number_edited_by_hand_in_a_marked_table_fails_the_check(documented_run, capsys):
     page = documented_run / "docs" / "page.md"
     rendered = page.read_text()
+    (table,) = render.marked_tables(page)
+    assert table_problem(table, documented_run) is None
     page.write_text(rendered.replace("| moreaugrad | 0.688", "| moreaugrad | 0.788"))
+    (edited,) = render.marked_tables(page)
+    assert "the table differs from what docs/results/run.json renders" in table_problem(edited, documented_run)
     assert render.main(["--root", str(documented_run), "--check"]) == 1
     assert "docs/page.md: tables differ from their results files" in capsys.readouterr().out
     assert render.main(["--root", str(documented_run)]) == 0  # rendering restores the file's numbers
@@ -108,6 +121,10 @@ def test_a_results_file_without_provenance_is_refused(tmp_path):
     bare.write_text(json.dumps({"results": {"results": {}}}))
     with pytest.raises(ValueError, match=r"bare.json .*'provenance'.*render record"):
         render.evaluation_markdown(bare)
+    page = tmp_path / "page.md"
+    page.write_text("<!-- table: renderer=evaluation file=bare.json -->\n<!-- /table -->\n")
+    (table,) = render.marked_tables(page)
+    assert "bare.json must record what produced it" in table_problem(table, tmp_path)
 
 
 def test_a_table_whose_file_is_absent_stays_pending_without_importing_its_renderer(tmp_path, monkeypatch):
