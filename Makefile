@@ -1,12 +1,13 @@
 # The two commands of a fresh machine: `make demo` (set up, train and evaluate on the bundled digits) and
 # `make test` (set up, run the test suite). Both create the virtual environment .venv when it is missing.
+# `make docs` builds the documentation site into site/ (offline, strict: any warning fails it).
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all docs clean
 
 setup: $(VENV)/.installed
 
@@ -27,5 +28,14 @@ test: setup
 test-all: PYTEST_ARGS :=
 test-all: test
 
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --progress-bar off -e ".[docs]"
+	touch $@
+
+# The site's generator and its strict build: a broken link, a page missing from the navigation or an
+# unresolved API reference fails it (mkdocs.yml). NO_MKDOCS_2_WARNING silences the theme's notice about MkDocs 2.
+docs: setup $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) logs checkpoints/*/ .pytest_cache
+	rm -rf $(VENV) logs checkpoints/*/ .pytest_cache site

@@ -15,7 +15,7 @@ Procedures:
 The target of the issue: `fast` at most 0.2x the gradient evaluations of `cold`, with each metric's mean inside
 the cold run's 95% interval (`within_cold_interval` in the output).
 
-Example (the figures of docs/benchmarks.md; about 6 minutes on one CPU thread):
+Example (the figures of docs/background/benchmarks.md; about 6 minutes on one CPU thread):
   OMP_NUM_THREADS=1 python benchmarks/attack_cost.py --threads 1
   python benchmarks/attack_cost.py --device cuda --samples 64 --num-steps 300 --noise-samples 32   # paper scale
 

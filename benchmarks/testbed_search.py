@@ -20,7 +20,7 @@ It also reports the clean maps' median cosine similarity to the simple gradient 
     OMP_NUM_THREADS=1 python benchmarks/testbed_search.py --output testbed.json            # all candidates
     python benchmarks/testbed_search.py --candidates digits32 --samples 8 --moreaugrad-steps 5 --device cpu
 
-Prints one JSON object (and writes it to `--output` after every candidate). Results: docs/testbed.md.
+Prints one JSON object (and writes it to `--output` after every candidate). Results: docs/background/testbed.md.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from mglightning.reporting import bootstrap_interval
 from mglightning.units import scalar_std, to_pixel_units
 
 PAPER_MOREAUGRAD = {"rho": 1.0, "step_size": 0.1}  # normalised units (the official code's defaults)
-NOISE_STD = 0.1  # the official relative noise level: ~0.1 in pixel units, not converted (docs/semantics.md section 3)
+NOISE_STD = 0.1  # the official relative noise level: ~0.1 in pixel units, not converted (docs/reference/semantics.md section 3)
 
 
 @dataclass
@@ -245,7 +245,7 @@ def convexity(model, images, target, seeds, std: float, args) -> dict:
 
 
 def markdown(report: dict) -> str:
-    """The candidates' numbers as markdown tables (docs/testbed.md)."""
+    """The candidates' numbers as markdown tables (docs/background/testbed.md)."""
     lines = [
         "| candidate | images | test acc. | train s | rho_pix | convex share (f / smoothed) | median lambda |",
         "|---|---|---|---|---|---|---|",

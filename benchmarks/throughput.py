@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--fast-share", type=float, default=0.158,
                         help="the fast preset's share of the paper procedure's gradient evaluations (default 0.158, "
-                             "measured by benchmarks/attack_cost.py; docs/benchmarks.md)")
+                             "measured by benchmarks/attack_cost.py; docs/background/benchmarks.md)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.internal_batch_size != "auto":
@@ -130,7 +130,7 @@ def forward_backward(model: nn.Module, rows: torch.Tensor, target: torch.Tensor)
 
 def paper_protocol_evaluations(images: int = 1000, methods: int = 3, budgets: int = 3, steps: int = 300,
                                copies: int = 32, attack_steps: int = 10) -> int:
-    """Gradient evaluations of the paper's robustness experiment (docs/benchmarks.md's table).
+    """Gradient evaluations of the paper's robustness experiment (docs/background/benchmarks.md's table).
 
     Per image and method: the clean map (`steps * copies`), and per budget the attack (`attack_steps + 1` solves,
     each with one more row for the differentiated map) and the attacked map.

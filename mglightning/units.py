@@ -1,4 +1,4 @@
-"""The paper's settings, in the normalised input space, converted to [0, 1] pixel units (docs/semantics.md section 3).
+"""The paper's settings, in the normalised input space, converted to [0, 1] pixel units (docs/reference/semantics.md section 3).
 
 The paper and the official code explain `f(x_n)` with `x_n = (x - mean) / s`; every mglightning model takes
 pixels `x` and normalises in its first layer. For one std `s`, the substitution `z_n - x_n = (z - x) / s` turns

@@ -1,4 +1,4 @@
-"""Interpretation attacks (docs/semantics.md section 5): per-sample brute-force reference, budget, label rule, seeds."""
+"""Interpretation attacks (docs/reference/semantics.md section 5): per-sample brute-force reference, budget, label rule, seeds."""
 
 import math
 
@@ -23,7 +23,7 @@ def _one_thread():
 
 
 class _Centre(nn.Module):
-    """Maps [0, 1] pixels to about [-2, 2], as a dataset normalisation layer does (docs/semantics.md section 1)."""
+    """Maps [0, 1] pixels to about [-2, 2], as a dataset normalisation layer does (docs/reference/semantics.md section 1)."""
 
     def forward(self, inputs):
         return (inputs - 0.5) / 0.25
@@ -76,7 +76,7 @@ def _gradient_map(model, image, target, create_graph):
 
 
 def _reference_attack(model, images, targets, epsilon, num_steps, step_size, fraction):
-    """docs/semantics.md section 5 written out for one sample at a time with the simple gradient; counts rejections."""
+    """docs/reference/semantics.md section 5 written out for one sample at a time with the simple gradient; counts rejections."""
     adversarial, moved, rejected = [], [], 0
     for image, target in zip(images, targets.tolist()):
         image = image[None]
@@ -174,7 +174,7 @@ def test_attack_lowers_topk_objective_of_simple_gradient():
     images = _images(batch=8, dtype=torch.float64)
     targets = _prediction(model, images)
     attack = TopKInterpretationAttack(SimpleGradient(model), epsilon=1.0, num_steps=10)
-    assert attack.step_size == pytest.approx(0.01)  # docs/semantics.md section 5: epsilon / 100
+    assert attack.step_size == pytest.approx(0.01)  # docs/reference/semantics.md section 5: epsilon / 100
     adversarial, moved = attack.perturb(images, targets)
     clean_objective = _objective(model, images, targets, images, 0.4)
     attacked_objective = _objective(model, adversarial, targets, images, 0.4)

@@ -1,4 +1,4 @@
-"""Metrics (docs/semantics.md section 6) against references: numpy brute force, scikit-image, a 2-process gloo run."""
+"""Metrics (docs/reference/semantics.md section 6) against references: numpy brute force, scikit-image, a 2-process gloo run."""
 
 import itertools
 
@@ -74,7 +74,7 @@ def _brute_gini(map_):
 
 
 def _skimage_ssim(a, b):
-    """scikit-image SSIM with the settings of docs/semantics.md section 6 on maps scaled by their own maximum."""
+    """scikit-image SSIM with the settings of docs/reference/semantics.md section 6 on maps scaled by their own maximum."""
     a, b = np.abs(np.asarray(a, np.float64)), np.abs(np.asarray(b, np.float64))
     a, b = a / a.max(), b / b.max()
     return structural_similarity(

@@ -1,6 +1,7 @@
-"""The README's code blocks work as written.
+"""The code blocks of the README and of every documentation page work as written.
 
-The convention (stated in the README's Development section):
+The convention (stated in docs/development.md, "Code blocks run, or say why not"), for README.md and every
+page under docs/:
 - every ```python block is run, each in a fresh namespace, from a folder that holds a small digits classifier at
   `checkpoints/digits/last.ckpt` (trained by the fixture below as `make demo` trains it, scaled down), the
   repository's `configs/`, and `logs/`;
@@ -84,8 +85,9 @@ def make_target_commands(makefile: str, target: str) -> set[str]:
     return {f"make {target}"} | {" ".join(line.split()) for line in lines if line}
 
 
-README = (ROOT / "README.md").read_text()
-BLOCKS = code_blocks(README)
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+# (document, block) for every fenced block of every document.
+BLOCKS = [(path.relative_to(ROOT).as_posix(), block) for path in DOCUMENTS for block in code_blocks(path.read_text())]
 
 
 def test_code_blocks_and_markers_are_parsed_as_the_convention_says():
@@ -130,24 +132,32 @@ def test_code_blocks_and_markers_are_parsed_as_the_convention_says():
 def test_every_bash_block_says_how_it_is_run():
     makefile = (ROOT / "Makefile").read_text()
     problems = []
-    for block in (b for b in BLOCKS if b.language in ("bash", "sh", "shell")):
+    for document, block in ((d, b) for d, b in BLOCKS if b.language in ("bash", "sh", "shell")):
+        where = f"{document}:{block.line}"
         if block.marker is None:
-            problems.append(f"README.md:{block.line}: mark it <!-- run-by: make <target> --> or <!-- not-run: reason -->")
+            problems.append(f"{where}: mark it <!-- run-by: make <target> --> or <!-- not-run: reason -->")
         elif block.marker == "not-run" and not block.marker_text:
-            problems.append(f"README.md:{block.line}: say why it is not run")
+            problems.append(f"{where}: say why it is not run")
         elif block.marker == "run-by":
             targets = re.findall(r"make ([\w-]+)", block.marker_text)
             allowed = set().union(*(make_target_commands(makefile, target) for target in targets)) if targets else set()
             for command in commands(block.code):
                 if command not in allowed:
-                    problems.append(f"README.md:{block.line}: {command!r} is not run by {block.marker_text}")
+                    problems.append(f"{where}: {command!r} is not run by {block.marker_text}")
     assert not problems, "\n".join(problems)
 
 
 def test_not_run_python_blocks_give_a_reason():
-    for block in BLOCKS:
+    for document, block in BLOCKS:
         if block.language == "python" and block.marker == "not-run":
-            assert block.marker_text, f"README.md:{block.line}: say why it is not run"
+            assert block.marker_text, f"{document}:{block.line}: say why it is not run"
+
+
+def test_the_readme_example_is_run():
+    """The README's example (explain and attack one batch) is one of the blocks the test below runs."""
+    run = [block for document, block in BLOCKS
+           if document == "README.md" and block.language == "python" and block.marker != "not-run"]
+    assert any("TopKInterpretationAttack" in block.code and ".attribute(" in block.code for block in run)
 
 
 # Runs each block in a fresh namespace so that a block that leans on another's names fails; imports are shared.
@@ -155,12 +165,12 @@ DRIVER = """
 import json, sys, traceback
 for block in json.load(sys.stdin):
     try:
-        exec(compile(block["code"], f"README.md:{block['line']}", "exec"), {"__name__": "__main__"})
+        exec(compile(block["code"], block["where"], "exec"), {"__name__": "__main__"})
     except Exception:
-        print(f"README.md:{block['line']}: the python block fails as written:", file=sys.stderr)
+        print(f"{block['where']}: the python block fails as written:", file=sys.stderr)
         traceback.print_exc()
         sys.exit(1)
-    print(f"README.md:{block['line']}: ok", flush=True)
+    print(f"{block['where']}: ok", flush=True)
 """
 
 
@@ -192,8 +202,9 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def test_python_blocks_run_as_written(workspace):
-    blocks = [{"line": b.line, "code": b.code} for b in BLOCKS if b.language == "python" and b.marker != "not-run"]
-    assert blocks, "the README has python examples; the parser found none"
+    blocks = [{"where": f"{document}:{b.line}", "code": b.code}
+              for document, b in BLOCKS if b.language == "python" and b.marker != "not-run"]
+    assert len({block["where"].split(":")[0] for block in blocks}) > 5, "the pages have python examples; few found"
     env = {**os.environ, "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-c", DRIVER], input=json.dumps(blocks), cwd=workspace, env=env,
@@ -203,10 +214,11 @@ def test_python_blocks_run_as_written(workspace):
     assert result.stdout.count(": ok") == len(blocks)
 
 
-def test_the_tensorboard_tags_the_readme_names_are_the_ones_training_logs(workspace):
+def test_the_tensorboard_tags_the_training_guide_names_are_the_ones_training_logs(workspace):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    sentence = re.search(r"^Training logs (.*?);\s+evaluation logs", README, flags=re.MULTILINE | re.DOTALL).group(1)
+    guide = (ROOT / "docs" / "guides" / "training.md").read_text()
+    sentence = re.search(r"^Training logs (.*?);\s+evaluation logs", guide, flags=re.MULTILINE | re.DOTALL).group(1)
     named = set(re.findall(r"`([^`]+)`", sentence))
     (run,) = (workspace / "logs" / "digits").glob("version_*")
     logged = set()
@@ -215,6 +227,6 @@ def test_the_tensorboard_tags_the_readme_names_are_the_ones_training_logs(worksp
         accumulator.Reload()
         logged |= set(accumulator.Tags()["scalars"])
     assert {"train/loss_step", "train/loss_epoch", "test/acc"} <= logged  # the fixture logged steps and a test
-    assert logged <= named, f"logged but not in the README: {sorted(logged - named)}"
+    assert logged <= named, f"logged but not in the training guide: {sorted(logged - named)}"
     metric_tags = {name for name in named if "/" in name}
-    assert metric_tags <= logged, f"in the README but not logged: {sorted(metric_tags - logged)}"
+    assert metric_tags <= logged, f"in the training guide but not logged: {sorted(metric_tags - logged)}"

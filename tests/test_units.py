@@ -1,4 +1,4 @@
-"""Unit conversion of the paper's settings (docs/semantics.md section 3): a Moreau solve in the model's normalised
+"""Unit conversion of the paper's settings (docs/reference/semantics.md section 3): a Moreau solve in the model's normalised
 input space equals the pixel-space solve with the converted settings, iterate by iterate, up to the std scaling."""
 
 import math

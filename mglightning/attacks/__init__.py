@@ -1,4 +1,4 @@
-"""Interpretation attacks (docs/semantics.md section 5).
+"""Interpretation attacks (docs/reference/semantics.md section 5).
 
 Every attack is an :class:`Attack` built as ``Attack(explainer, epsilon, **settings)`` whose
 ``run(inputs, target, seeds=None, initial=None)`` returns an :class:`AttackResult` (``perturb`` returns just

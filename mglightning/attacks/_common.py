@@ -25,7 +25,7 @@ def check_images(inputs: Tensor) -> None:
     check_inputs(inputs)
     if inputs.numel() and (inputs.min() < 0 or inputs.max() > 1):
         raise ValueError(
-            f"`inputs` must be images in [0, 1] (normalisation is the model's first layer, docs/semantics.md section 1), got values in "
+            f"`inputs` must be images in [0, 1] (normalisation is the model's first layer, docs/reference/semantics.md section 1), got values in "
             f"[{inputs.min().item():.4g}, {inputs.max().item():.4g}]."
         )
     if torch.is_inference_mode_enabled():

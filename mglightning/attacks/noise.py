@@ -1,4 +1,4 @@
-"""Random L2 noise: the weak reference attack of docs/semantics.md section 5."""
+"""Random L2 noise: the weak reference attack of docs/reference/semantics.md section 5."""
 
 from __future__ import annotations
 

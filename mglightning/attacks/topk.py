@@ -1,4 +1,4 @@
-"""The L2-bounded top-k interpretation attack (docs/semantics.md section 5; Ghorbani et al. 2019, Levine et al. 2019)."""
+"""The L2-bounded top-k interpretation attack (docs/reference/semantics.md section 5; Ghorbani et al. 2019, Levine et al. 2019)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class TopKInterpretationAttack(Attack):
     then reported as not moved).
 
     ``A`` is the map ``explainer.attribute(x', target, seeds=seeds, create_graph=True)``; for the MoreauGrad
-    family that is, with its default ``graph="surrogate"``, the official code's stand-in map (docs/semantics.md section 3). ``K`` and
+    family that is, with its default ``graph="surrogate"``, the official code's stand-in map (docs/reference/semantics.md section 3). ``K`` and
     every ``D`` come from the same map that is differentiated. A method without ``create_graph`` support
     (``supports_create_graph = False``) is attacked through its declared ``explainer.surrogate``.
 

@@ -1,4 +1,4 @@
-"""LightningDataModules: images in [0, 1], normalisation left to the model's first layer (docs/semantics.md section 1).
+"""LightningDataModules: images in [0, 1], normalisation left to the model's first layer (docs/reference/semantics.md section 1).
 
 `num_classes`, `image_size`, `in_chans`, `mean` and `std` are set by `__init__`, so the CLI can link them into
 the model before any data is read. `batch_size` is global: each device loads `batch_size // world_size`.

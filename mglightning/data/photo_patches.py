@@ -1,7 +1,7 @@
 """Patches of the ten natural photographs bundled with scikit-image and scikit-learn: which photograph is a patch from?
 
 An offline testbed of real RGB images on which the simple gradient of a small softplus network is fragile and the
-paper's robustness ordering shows (docs/testbed.md): a softplus ResNet-18 of base width 16 (softplus `beta=5`)
+paper's robustness ordering shows (docs/background/testbed.md): a softplus ResNet-18 of base width 16 (softplus `beta=5`)
 trained for a few CPU minutes. Each photograph is resized (antialiased) so that its short side is 160 pixels and
 cut into 32x32 patches with stride 8; the class is the photograph. The right quarter of every photograph is the test
 region and the patches of the rest, kept one patch width away so that no test pixel is seen in training, are the

@@ -1,6 +1,6 @@
 """What every explainer shares: the base class, the class score `f_c`, per-sample noise and chunking.
 
-Conventions (docs/semantics.md sections 1-2): inputs are `(B, C, H, W)` images in [0, 1]; `target` holds one class per
+Conventions (docs/reference/semantics.md sections 1-2): inputs are `(B, C, H, W)` images in [0, 1]; `target` holds one class per
 sample; noisy methods draw sample `i`'s noise only from `seeds[i]`, so a sample's map does not depend on
 its batch, its position in it, the chunk size or the device.
 """
@@ -32,7 +32,7 @@ class ClassScore:
 
     Args:
         model: classifier returning `(N, num_classes)` logits.
-        score: `logit`, `log_softmax` or `softmax` (docs/semantics.md section 1).
+        score: `logit`, `log_softmax` or `softmax` (docs/reference/semantics.md section 1).
         target: `(B,)` long tensor, one class per sample.
 
     Example:
@@ -107,7 +107,7 @@ class Explainer(abc.ABC):
             `second_order` (figures highlight the `moreaugrad` family).
         supports_create_graph: whether `attribute(..., create_graph=True)` is available.
         surrogate: `"self"` when it is, otherwise the registry name of the method whose differentiable map
-            an interpretation attack uses instead (docs/semantics.md section 5).
+            an interpretation attack uses instead (docs/reference/semantics.md section 5).
         supports_initial: whether the method has a solver that `explain(..., initial=...)` can warm-start.
 
     Args:

@@ -1,4 +1,4 @@
-"""DeepLIFT (rescale rule, zero baseline) through Captum (docs/semantics.md section 4)."""
+"""DeepLIFT (rescale rule, zero baseline) through Captum (docs/reference/semantics.md section 4)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class DeepLift(Explainer):
     """DeepLIFT with the rescale rule and a zero baseline (Shrikumar et al. 2017), computed by Captum's `DeepLift`.
 
     The attributions sum to `f_c(x) - f_c(0)` (summation-to-delta). Captum hooks the activation modules, so
-    every activation must be its own module instance, used once per forward pass (docs/semantics.md section 1); reused modules give
+    every activation must be its own module instance, used once per forward pass (docs/reference/semantics.md section 1); reused modules give
     wrong attributions. For `score="softmax"` an `nn.Softmax` module is appended (Captum has a rule for it); for
     `log_softmax` an `nn.LogSoftmax`, which Captum passes through as a plain gradient. DeepLIFT's modified
     backward pass is not differentiable, so an attack uses the surrogate `simple_gradient`.

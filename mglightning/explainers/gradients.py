@@ -1,4 +1,4 @@
-"""Gradient baselines (docs/semantics.md section 4): simple gradient, integrated gradients, SmoothGrad and Sparsified SmoothGrad."""
+"""Gradient baselines (docs/reference/semantics.md section 4): simple gradient, integrated gradients, SmoothGrad and Sparsified SmoothGrad."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The exact derivative of the MoreauGrad maps with respect to the input, by implicit differentiation (docs/semantics.md section 3).
+"""The exact derivative of the MoreauGrad maps with respect to the input, by implicit differentiation (docs/reference/semantics.md section 3).
 
 The solver returns the displacement `d = z* - x` and the map `A(x) = -d / rho`. The interpretation attack needs
 vector-Jacobian products `v^T dA/dx`; this module gives them without differentiating through the solver's steps,

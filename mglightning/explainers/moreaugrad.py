@@ -1,4 +1,4 @@
-"""MoreauGrad, Sparse MoreauGrad and Group-Sparse MoreauGrad (paper sections 4-5, Algorithm 1; docs/semantics.md section 3).
+"""MoreauGrad, Sparse MoreauGrad and Group-Sparse MoreauGrad (paper sections 4-5, Algorithm 1; docs/reference/semantics.md section 3).
 
 All three solve, for every sample at once,
 
@@ -51,7 +51,7 @@ GRAPHS = ("surrogate", "exact")
 def moreau_surrogate(
     model: nn.Module, inputs: Tensor, displacement: Tensor, target: int | Tensor, score: str = "logit"
 ) -> Tensor:
-    """The differentiable stand-in for a MoreauGrad map that the interpretation attack uses (docs/semantics.md section 3).
+    """The differentiable stand-in for a MoreauGrad map that the interpretation attack uses (docs/reference/semantics.md section 3).
 
     `1[d != 0] * |grad f_c(x + d)|` with the graph to `inputs` kept, for a displacement `d = z* - x` that was
     solved without a graph and is held fixed here (as in the official code). `attribute(..., create_graph=True)`
@@ -111,7 +111,7 @@ class MoreauGrad(Explainer):
       Algorithm 1; the windows only decide when to stop.
     - **FISTA momentum** (`accelerate=True`, with adaptive restart) on the same proximal steps. It pays in plain
       mode; in regularised mode the momentum carries the noise along and `tol` rarely triggers (measured in
-      docs/benchmarks.md), so leave it off there.
+      docs/background/benchmarks.md), so leave it off there.
     - **Mixed precision and memory format** (`autocast`, `channels_last`): the solver's model passes run in
       bfloat16 autocast and/or the channels-last layout, while the displacement and its updates stay in the
       inputs' dtype (float32). The attack's differentiable map (`create_graph=True`) is always computed at
@@ -149,9 +149,9 @@ class MoreauGrad(Explainer):
             compares single steps.
         accelerate: use FISTA momentum (default False).
         autocast: run the solver's forward/backward passes under bfloat16 autocast (default False: float32 maps
-            are the reference; bfloat16 moves them by a fraction of a percent, see docs/benchmarks.md).
+            are the reference; bfloat16 moves them by a fraction of a percent, see docs/background/benchmarks.md).
         channels_last: feed the solver's model passes in the channels-last memory format (default False; same
-            maps to float rounding, faster convolutions on most GPUs, see docs/benchmarks.md).
+            maps to float rounding, faster convolutions on most GPUs, see docs/background/benchmarks.md).
         score: `logit` (default), `log_softmax` or `softmax`.
         graph: the map that `create_graph=True` returns: `surrogate` (default, the official code's stand-in
             `1[d != 0] * |grad f_c(x + d)|`) or `exact` (the map itself with its implicit derivative).
@@ -622,14 +622,15 @@ class SparseMoreauGrad(_PenalisedMoreauGrad):
     missed. The cost per sample, in gradient evaluations, is 1 (the gradient at `x`) plus the sum of its rounds'
     solves (steps x noise copies each), counted in `last_sample_gradient_evaluations`; on the digits quickstart the
     search took 1.0-1.2 solves per sample on average in plain mode, 1.0-2.1 in regularised mode
-    (docs/explainers.md). Zeros come one entry at a time (`1 / (C H W)` of a map), and the target is rounded to the
+    (docs/reference/explainers.md). Zeros come one entry at a time (`1 / (C H W)` of a map), and the target is rounded to the
     nearest such share (`achievable_zero_fraction`). `last_eta` (`(B,)`, CPU) holds each sample's `eta` after a call
     (the setting itself with a fixed `eta`).
 
+    `model`, `rho`, `step_size`, `num_steps`, `noise_std`, `noise_samples`, `average_last`, `internal_batch_size`,
+    `tol`, `tol_window`, `accelerate`, `autocast`, `channels_last`, `score`, `graph`, `graph_tol`, `graph_max_iter`
+    and `graph_noise_samples` are as in `MoreauGrad`.
+
     Args:
-        model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score, graph, graph_tol, graph_max_iter,
-            graph_noise_samples: as in `MoreauGrad`.
         eta: L1 coefficient `eta >= 0`; `None` (default) is the official code's 5e-3 unless `target_zero_fraction`
             is given. Exclusive with `target_zero_fraction`.
         target_zero_fraction: the share of exactly-zero entries of every map, in (0, 1), instead of `eta`
@@ -707,10 +708,11 @@ class GroupSparseMoreauGrad(_PenalisedMoreauGrad):
     `group_size^2 / (H W)`: the target is rounded to the nearest multiple (e.g. 0.3 becomes 19/64 = 0.297 for 32x32
     images and `group_size=4`), and a target that would round to no group or to all of them is refused.
 
+    `model`, `rho`, `step_size`, `num_steps`, `noise_std`, `noise_samples`, `average_last`, `internal_batch_size`,
+    `tol`, `tol_window`, `accelerate`, `autocast`, `channels_last`, `score`, `graph`, `graph_tol`, `graph_max_iter`
+    and `graph_noise_samples` are as in `MoreauGrad`.
+
     Args:
-        model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score, graph, graph_tol, graph_max_iter,
-            graph_noise_samples: as in `MoreauGrad`.
         eta: group-norm coefficient `eta >= 0`; `None` (default) is the official code's 5e-2 unless
             `target_zero_fraction` is given. Exclusive with `target_zero_fraction`.
         group_size: block side; must divide the image height and width (default 14, for 224x224 images; use

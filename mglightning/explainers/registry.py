@@ -1,4 +1,4 @@
-"""The explainer registry: every method by its docs/semantics.md section 2 name, built with `build_explainer(name, model, **settings)`."""
+"""The explainer registry: every method by its docs/reference/semantics.md section 2 name, built with `build_explainer(name, model, **settings)`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RelEx (Lim et al. 2021, "Building reliable explanations of unreliable neural networks"), docs/semantics.md section 4."""
+"""RelEx (Lim et al. 2021, "Building reliable explanations of unreliable neural networks"), docs/reference/semantics.md section 4."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Robustness and sparsity metrics of attribution maps (docs/semantics.md section 6).
+"""Robustness and sparsity metrics of attribution maps (docs/reference/semantics.md section 6).
 
 Metric classes (``SampleMetric``, a ``torchmetrics.Metric`` with sum/count states, exact under DDP, whose
 ``measure(MapBatch)`` gives the per-sample values an evaluation records):

@@ -1,4 +1,4 @@
-"""Functional forms of the robustness and structure metrics (docs/semantics.md section 6).
+"""Functional forms of the robustness and structure metrics (docs/reference/semantics.md section 6).
 
 Every public function takes signed attribution maps ``(B, C, H, W)``, takes their magnitudes itself and
 returns one value per sample, shape ``(B,)``, so callers can keep per-sample numbers. The metric classes in
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# SaliencySSIM's settings (docs/semantics.md section 6), the same as scikit-image's
+# SaliencySSIM's settings (docs/reference/semantics.md section 6), the same as scikit-image's
 # structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1).
 SSIM_SIGMA = 1.5
 SSIM_TRUNCATE = 3.5
@@ -67,7 +67,7 @@ def _mean_compute(total: Tensor, count: Tensor) -> Tensor:
 
 
 def topk_count(maps: Tensor, fraction: float = 0.4) -> Tensor:
-    """Per-sample ``k = max(1, floor(fraction * nnz(|maps|)))`` (docs/semantics.md section 6).
+    """Per-sample ``k = max(1, floor(fraction * nnz(|maps|)))`` (docs/reference/semantics.md section 6).
 
     The product is taken in float64, exactly as Python's ``int(fraction * nnz)`` in the official code.
 
@@ -89,7 +89,7 @@ def topk_count(maps: Tensor, fraction: float = 0.4) -> Tensor:
 
 
 def topk_mask(maps: Tensor, k: Tensor) -> Tensor:
-    """Boolean mask of each sample's top-``k`` entries of ``|maps|`` (docs/semantics.md section 6).
+    """Boolean mask of each sample's top-``k`` entries of ``|maps|`` (docs/reference/semantics.md section 6).
 
     The top-k set never holds an exact zero, so a map with fewer than ``k`` non-zero entries marks just
     those; ties among equal values are broken by the lower flat index (``C, H, W`` order).
@@ -128,7 +128,7 @@ def _normalized_distance_update(original: Tensor, attacked: Tensor) -> Tensor:
     a, b = _flat_magnitudes(original), _flat_magnitudes(attacked)
     a_norm, b_norm = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
     # An all-zero map stays the zero vector after "normalisation", so its distance to any non-zero
-    # (unit-norm) map is exactly 1 and to another all-zero map 0 (docs/semantics.md section 6).
+    # (unit-norm) map is exactly 1 and to another all-zero map 0 (docs/reference/semantics.md section 6).
     a_unit = torch.where(a_norm > 0, a / a_norm.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(a))
     b_unit = torch.where(b_norm > 0, b / b_norm.clamp_min(torch.finfo(b.dtype).tiny), torch.zeros_like(b))
     return (a_unit - b_unit).norm(dim=1)
@@ -231,7 +231,7 @@ def _saliency_ssim_update(original: Tensor, attacked: Tensor) -> Tensor:
 
 
 def saliency_ssim(original: Tensor, attacked: Tensor) -> Tensor:
-    """Per-sample SSIM of the two magnitude maps, each scaled by its own maximum (docs/semantics.md section 6).
+    """Per-sample SSIM of the two magnitude maps, each scaled by its own maximum (docs/reference/semantics.md section 6).
 
     SSIM with an 11x11 Gaussian window (sigma 1.5), ``data_range=1``, population covariances, computed per
     channel and averaged, over the positions whose window lies inside the image. This equals

@@ -1,4 +1,4 @@
-"""Robustness metrics between clean and attacked attribution maps (docs/semantics.md section 6), as torchmetrics.
+"""Robustness metrics between clean and attacked attribution maps (docs/reference/semantics.md section 6), as torchmetrics.
 
 Each metric keeps only a sum of per-sample values and a sample count, both reduced with
 ``dist_reduce_fx="sum"``, so its value over N devices equals its value over one device on the same samples,
@@ -40,7 +40,7 @@ class _MeanOverSamples(SampleMetric):
 class NormalizedDistance(_MeanOverSamples):
     """Mean ``|| a/||a||_2 - b/||b||_2 ||_2`` of the flattened magnitude maps (paper eq. 6), in [0, 2].
 
-    Lower is more robust. An all-zero map is at distance 1 from any non-zero map (docs/semantics.md section 6).
+    Lower is more robust. An all-zero map is at distance 1 from any non-zero map (docs/reference/semantics.md section 6).
     See :func:`mglightning.metrics.functional.normalized_distance` for the per-sample form.
 
     Args:
@@ -67,7 +67,7 @@ class TopKIntersection(_MeanOverSamples):
     """Mean share of the clean map's top-k entries that stay in the attacked map's top-k, in [0, 1].
 
     ``k = max(1, floor(fraction * nnz(|a|)))`` from the clean map ``a``; top-k sets hold no zeros and break ties
-    by the lower flat index (docs/semantics.md section 6). Higher is more robust. See
+    by the lower flat index (docs/reference/semantics.md section 6). Higher is more robust. See
     :func:`mglightning.metrics.functional.topk_intersection` for the per-sample form.
 
     Args:

@@ -1,4 +1,4 @@
-"""Structure metric of a single batch of attribution maps (docs/semantics.md section 6), as a torchmetrics metric."""
+"""Structure metric of a single batch of attribution maps (docs/reference/semantics.md section 6), as a torchmetrics metric."""
 
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ A `ClassifierSource` names exactly one of:
   untrained network is refused unless asked for);
 - `module`: any `nn.Module` (in YAML by `class_path`/`init_args`), with optional `weights`.
 
-`build_classifier` loads it, puts the normalisation first (the model takes [0, 1] pixels, docs/semantics.md
+`build_classifier` loads it, puts the normalisation first (the model takes [0, 1] pixels, docs/reference/semantics.md
 section 1) and checks it against the data before any run: the output size against `num_classes` (or a
 `class_subset` mapping), the input size with a zero probe, and ReLU-type activations, under which the top-k attack
-has no gradient (docs/semantics.md section 5).
+has no gradient (docs/reference/semantics.md section 5).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from timm.models import PretrainedCfg
 
 # Piecewise-linear activations: a network built from them has a piecewise-constant input gradient, whose input
-# derivative (what the top-k attack follows, docs/semantics.md section 5) is zero almost everywhere.
+# derivative (what the top-k attack follows, docs/reference/semantics.md section 5) is zero almost everywhere.
 RELU_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh)
 
 # ClassifierSource holds these itself, so `model_kwargs` may not set them a second time.
@@ -227,7 +227,7 @@ def build_classifier(
     Checks before any run, each a `ValueError` naming the setting to change: a zero probe of
     `(1, in_chans, image_size, image_size)` must give `(1, num_classes)` scores (or `class_subset` must fit the
     outputs); a model with ReLU-type activations gets a warning (the top-k attack needs a differentiable
-    gradient map, docs/semantics.md section 5). Checks whose data setting is None are skipped.
+    gradient map, docs/reference/semantics.md section 5). Checks whose data setting is None are skipped.
 
     Args:
         source: a `ClassifierSource`, or the path of a `train.py` checkpoint.
@@ -582,7 +582,7 @@ def _warn_if_piecewise_linear(net: nn.Module, description: str) -> None:
         warnings.warn(
             f"{description} has {len(found)} ReLU-type activations (e.g. {', '.join(found[:3])}): its gradient map "
             "is piecewise constant in the input, so the top-k interpretation attack, which differentiates the map "
-            "(docs/semantics.md section 5), gets no gradient and cannot move it. Explain a smooth network to "
+            "(docs/reference/semantics.md section 5), gets no gradient and cannot move it. Explain a smooth network to "
             "attack it, e.g. the softplus ResNet-18 (`arch: resnet18` with `model_kwargs: {activation: softplus}`, "
             "trained by train.py), or replace the ReLUs of your module with `nn.Softplus(beta)`.",
             stacklevel=3,

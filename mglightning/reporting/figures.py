@@ -279,7 +279,7 @@ def _check_images(name: str, images: torch.Tensor, expected_shape: torch.Size | 
     if low < -_PIXEL_RANGE_TOLERANCE or high > 1 + _PIXEL_RANGE_TOLERANCE:
         raise ValueError(
             f"{name} range from {low:.3g} to {high:.3g}, but images must be in [0, 1] "
-            "(normalisation is the model's first layer, docs/semantics.md section 1): pass the unnormalised pixels."
+            "(normalisation is the model's first layer, docs/reference/semantics.md section 1): pass the unnormalised pixels."
         )
 
 
