@@ -19,6 +19,9 @@ from mglightning.evaluation import RunFolderBusyError, read_records
 from test_evaluate import FEW_EXPLAINERS, ROOT, checkpoint, eval_args, only_run, results_of  # noqa: F401
 
 
+ADDED = "{extra_ssim: {class_path: mglightning.metrics.SaliencySSIM}}"  # a metric added after the run
+
+
 def _hashes(folder: Path) -> dict[str, str]:
     """Every file below `folder` (hidden ones included) with the SHA-256 of its bytes."""
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
@@ -154,3 +157,96 @@ def test_the_grid_shows_each_method_under_the_first_attack_that_applies_to_it(ch
         stored = load_maps(run_dir, method=method, attack=attack)
         for position, index in enumerate(stored.keys["index"].tolist()):
             torch.testing.assert_close(grid[(method, index)], stored.attacked[position])
+
+
+# ------------------------------------------------------------------------------------- damaged files
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else b"")
+
+
+def _small_run(checkpoint, out: Path, *extra: str) -> Path:
+    """Four samples in two batches of two: two files of each kind."""
+    return _finished_run(checkpoint, out, "--model.max_samples", "4", "--data.init_args.batch_size", "2", *extra)
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty"])
+def test_a_damaged_records_file_is_named_by_report_and_resume_which_change_nothing(checkpoint, tmp_path, how):
+    from mglightning.evaluation import DamagedFileError
+
+    run_dir = _small_run(checkpoint, tmp_path)
+    first, _ = sorted((run_dir / "records").glob("*.parquet"))
+    _damage(first, how)
+    before = _hashes(run_dir)
+    advice = (rf"{first} is damaged .*the other 1 records files are intact and hold 2 samples.*Move the damaged file "
+              rf"out of .*records and run the same evaluate.py command with --resume {run_dir}")
+    with pytest.raises(DamagedFileError, match=advice):
+        evaluate.cli_main(["report", str(run_dir)])
+    args = eval_args(checkpoint, tmp_path, "--model.max_samples", "4", "--data.init_args.batch_size", "2",
+                     explainers=FEW_EXPLAINERS)
+    with pytest.raises(DamagedFileError, match=advice):
+        evaluate.cli_main(args + ["--resume", str(run_dir)])
+    assert _hashes(run_dir) == before
+    # The advice works: without the file, --resume evaluates its samples again.
+    first.rename(tmp_path / first.name)
+    evaluate.cli_main(args + ["--resume", str(run_dir)])
+    assert results_of(run_dir)["moreaugrad"]["samples"] == 4
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "entries", "index"])
+def test_a_damaged_stored_maps_file_is_named_with_its_batch_records_and_the_way_back(checkpoint, tmp_path, how):
+    from safetensors.torch import load_file, save
+    from mglightning.evaluation import DamagedFileError, load_maps
+
+    run_dir = _small_run(checkpoint, tmp_path, "--model.keep_maps", "float16")
+    first = min((run_dir / "maps").glob("*.safetensors"), key=lambda path: int(path.stem.split("-")[1]))
+    paired = min((run_dir / "records").glob("*.parquet"), key=lambda path: int(path.stem.split("-")[1]))
+    if how in ("truncated", "empty"):
+        _damage(first, how)
+    else:  # edited metadata: entries that are not a list of keys, or an index that is not the samples'
+        from safetensors import safe_open
+
+        with safe_open(str(first), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(first)
+        if how == "entries":
+            metadata["entries"] = json.dumps({"kind": "clean"})
+        else:
+            tensors["index"] = tensors["index"].float()
+        first.write_bytes(save(tensors, metadata=metadata))
+    advice = (rf"{first} is damaged .*it held the maps of the batch whose records are {paired}\n"
+              rf"The other 1 maps files are intact.*--resume {run_dir}")
+    with pytest.raises(DamagedFileError, match=advice):
+        load_maps(run_dir)
+    with pytest.raises(DamagedFileError, match=advice):
+        evaluate.cli_main(["report", str(run_dir), "--metrics", ADDED])
+    # The advice works: without the file and its batch's records, --resume stores those maps again.
+    first.rename(tmp_path / first.name)
+    paired.rename(tmp_path / paired.name)
+    evaluate.cli_main(eval_args(checkpoint, tmp_path, "--model.max_samples", "4", "--data.init_args.batch_size", "2",
+                                "--model.keep_maps", "float16", "--resume", str(run_dir), explainers=FEW_EXPLAINERS))
+    assert sorted(set(load_maps(run_dir).keys["index"])) == [0, 1, 2, 3]
+
+
+def test_a_damaged_added_metric_or_grid_file_is_left_out_with_a_warning_and_the_report_goes_on(
+    checkpoint, tmp_path, capsys
+):
+    run_dir = _small_run(checkpoint, tmp_path, "--model.keep_maps", "float16")
+    evaluate.cli_main(["report", str(run_dir), "--metrics", ADDED])
+    assert "extra_ssim" in results_of(run_dir)["moreaugrad"]
+    _damage(run_dir / "added" / "extra_ssim.parquet", "truncated")
+    grid = sorted((run_dir / "grid").glob("*.pt"))[-1]
+    _damage(grid, "empty")
+    (run_dir / "saliency_grid.png").unlink()
+    capsys.readouterr()
+    first_index = grid.name.split("-")[1]
+    with pytest.warns(UserWarning, match=rf"{grid} is damaged .*from dataset index {first_index}\. The saliency grid "
+                                         "leaves them out; the records and results are intact"):
+        evaluate.cli_main(["report", str(run_dir)])
+    printed = capsys.readouterr().out
+    assert f"WARNING: {run_dir / 'added' / 'extra_ssim.parquet'} is damaged" in printed
+    assert "the added metric 'extra_ssim' is left out; the run's records are intact" in printed
+    assert "extra_ssim" not in results_of(run_dir)["moreaugrad"] and results_of(run_dir)["moreaugrad"]["samples"] == 4
+    assert (run_dir / "saliency_grid.png").is_file()

@@ -40,7 +40,7 @@ from mglightning.evaluation.measure import (
     metric_columns,
     metric_specs,
 )
-from mglightning.evaluation.files import atomic_write_bytes
+from mglightning.evaluation.files import DamagedFileError, atomic_write_bytes
 from mglightning.evaluation.records import RecordWriter, read_records, recorded_indices
 from mglightning.evaluation.run_folder import RunFolderBusyError, RunLock, locked_by_command, move_aside
 from mglightning.explainers.base import Explainer
@@ -298,16 +298,22 @@ class ExplanationEvaluator(pl.LightningModule):
                 "the run's settings, evaluate into a new folder, or pass --overwrite true to start it afresh."
             )
         strategy.barrier("run folder checked")
+        replacing = existing is not None and self.overwrite
+        expected = {row.method: list(row.surrogates) for row in description.rows}
+        try:  # read before anything is written: a damaged records file refuses the run, the folder as it was
+            done = set() if replacing else recorded_indices(run_dir, expected, description.metric_columns)
+        except DamagedFileError:
+            self._release()
+            self._discard_own_events()
+            raise
+        strategy.barrier("records read")
         self.folder_checked = True
         if self.trainer.is_global_zero:
-            if existing is not None and self.overwrite:
+            if replacing:
                 aside = move_aside(run_dir)
                 print(f"--overwrite: the previous run in {run_dir} was moved to {aside}.")
             description.save(run_dir)
         strategy.barrier("run described")
-        expected = {row.method: list(row.surrogates) for row in description.rows}
-        done = recorded_indices(run_dir, expected, description.metric_columns)
-        strategy.barrier("records read")
         remaining = [index for index in range(planned) if index not in done]
         if not remaining:
             self._release()
