@@ -551,16 +551,11 @@ def _check_distinct(epsilons: list[float], explainer_labels: list[str], attack_l
                 f"results row named <explainer>@eps={eps:g}. List each budget once."
             )
         seen[f"{eps:g}"] = eps
-    rows = [row for row, _, _ in method_rows(explainer_labels, epsilons)]
-    clashing = sorted({row for row in rows if rows.count(row) > 1})
-    if clashing:
-        raise ValueError(f"explainer labels {explainer_labels} give two results rows the name(s) {clashing}: rename "
-                         "the explainer whose label ends in '@eps=<budget>'.")
     if keep_maps:
         slashed = [label for label in explainer_labels + attack_labels if "/" in label]
         if slashed:
             raise ValueError(f"model.keep_maps names each stored map by its explainer and attack labels: labels "
-                             f"{slashed} hold '/', which would give two maps one name; rename them.")
+                             f"{slashed} hold '/', with which two maps could share a name; rename them.")
 
 
 def _existing_description(run_dir: Path) -> RunDescription | object | None:
