@@ -379,8 +379,57 @@ class EvaluateCLI(LightningCLI):
 RUN_DIR_VARIABLE = "MGLIGHTNING_EVALUATION_RUN_DIR"
 
 
+class _FolderClaim:
+    """What this command holds of its run folder: the lock, taken before anything is written into the folder,
+    whether the command created the folder, and the names the folder held when the lock was taken."""
+
+    def __init__(self, run_dir: Path, created: bool) -> None:
+        from mglightning.evaluation.run_folder import COMMAND_LOCK_VARIABLE, RunLock
+
+        self.run_dir = run_dir
+        self.created = created
+        self.lock = RunLock(run_dir).acquire()  # a busy folder is refused here, before the classifier is loaded
+        self.before = frozenset(path.name for path in run_dir.iterdir())
+        os.environ[COMMAND_LOCK_VARIABLE] = str(run_dir)
+
+    def undo(self, accepted: bool) -> None:
+        """After a failure: remove what this command created, and nothing else.
+
+        A folder it created goes when it holds no record (`discard_unstarted`). In a `--resume` folder that was
+        refused (`accepted` False), only the logger files that appeared while this command held the lock are
+        removed (Lightning opens its events file, and writes hparams.yaml when the folder lacks one, before the
+        evaluator has checked the folder); the lock is released by `release`.
+        """
+        import sys
+
+        from mglightning.evaluation import discard_unstarted
+
+        if not self.lock.held:
+            return
+        if self.created:
+            if discard_unstarted(self.run_dir, self.lock):
+                print(f"The run stopped before its first record; {self.run_dir} was removed.", file=sys.stderr)
+        elif not accepted:
+            for path in self.run_dir.iterdir():
+                own = path.name.startswith("events.out.tfevents.") or path.name == "hparams.yaml"
+                if own and path.name not in self.before and path.is_file():
+                    path.unlink()
+
+    def release(self) -> None:
+        from mglightning.evaluation.run_folder import COMMAND_LOCK_VARIABLE
+
+        self.lock.release()
+        os.environ.pop(COMMAND_LOCK_VARIABLE, None)
+
+
+# This command's claim on its run folder (None in the processes Lightning launches for the other devices).
+_claim: _FolderClaim | None = None
+
+
 def _run_folder(config) -> Path:
-    """The run's folder, decided here once for every process (`choose_run_folder`)."""
+    """The run's folder, decided here once for every process (`choose_run_folder`), and locked by the process
+    that decided it before anything is written."""
+    global _claim
     from mglightning.evaluation import choose_run_folder
 
     if os.environ.get(RUN_DIR_VARIABLE):
@@ -390,7 +439,15 @@ def _run_folder(config) -> Path:
     # A process that torchrun or SLURM started as another rank reserves nothing: the evaluator takes rank 0's folder
     # when the processes meet (set-up).
     secondary = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0) > 0
-    run_dir = choose_run_folder(_runs_root(config), config.get("resume"), reserve=not secondary)
+    resume = config.get("resume")
+    run_dir = choose_run_folder(_runs_root(config), resume, reserve=not secondary)
+    if not secondary:
+        try:
+            _claim = _FolderClaim(run_dir, created=resume is None)
+        except BaseException:
+            if resume is None:
+                run_dir.rmdir()  # the empty folder reserved a moment ago
+            raise
     os.environ[RUN_DIR_VARIABLE] = str(run_dir)
     return run_dir
 
@@ -475,13 +532,13 @@ def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path
     """
     import sys
 
+    global _claim
     arguments = sys.argv[1:] if args is None else list(args)
     if arguments[:1] == ["report"]:
         return _report_main(arguments[1:])
     # Imported here so that training does not load the explainer stack.
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-    from mglightning.evaluation import discard_unstarted
     from mglightning.modules.evaluator import ExplanationEvaluator, RunComplete
     from mglightning.reporting import report
 
@@ -518,14 +575,17 @@ def evaluate_main(args: list[str] | None = None) -> EvaluateCLI | dict[str, Path
             print(f"  run folder: {evaluator.run_dir}  (re-report: python evaluate.py report {evaluator.run_dir})")
         return cli
     except BaseException:
-        if cli is not None and isinstance(cli.model, ExplanationEvaluator):
-            cli.model.release_run_folder()  # the process may go on (a notebook, a test): free the folder now
-        run_dir = os.environ.get(RUN_DIR_VARIABLE)
-        if launched and run_dir and discard_unstarted(run_dir):
-            print(f"The run stopped before its first record; {run_dir} was removed.", file=sys.stderr)
+        evaluator = cli.model if cli is not None and isinstance(cli.model, ExplanationEvaluator) else None
+        if evaluator is not None:
+            evaluator.release_run_folder()  # the process may go on (a notebook, a test): free the folder now
+        if launched and _claim is not None:
+            _claim.undo(accepted=evaluator is not None and evaluator.folder_checked)
         raise
     finally:
         if launched:
+            if _claim is not None:
+                _claim.release()
+                _claim = None
             os.environ.pop(RUN_DIR_VARIABLE, None)
 
 

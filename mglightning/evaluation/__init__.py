@@ -23,7 +23,7 @@ from mglightning.evaluation.measure import (
     metric_columns,
     metric_specs,
 )
-from mglightning.evaluation.files import OutOfSpaceError
+from mglightning.evaluation.files import DamagedFileError, OutOfSpaceError
 from mglightning.evaluation.records import (
     Record,
     RecordWriter,
@@ -49,6 +49,7 @@ __all__ = [
     "MapWriter",
     "MetricSpec",
     "NotStoredError",
+    "DamagedFileError",
     "OutOfSpaceError",
     "Record",
     "RecordWriter",

@@ -25,6 +25,7 @@ import torch
 
 from mglightning.data.evaluation import sample_seeds
 from mglightning.evaluation.description import MetricSpec, RunDescription
+from mglightning.evaluation.files import damaged
 from mglightning.evaluation.maps import KEY_COLUMNS, iter_maps, map_files
 from mglightning.evaluation.measure import metric_columns, metric_specs
 from mglightning.evaluation.records import atomic_write_bytes, read_records
@@ -207,30 +208,56 @@ def _measure(
     return parts
 
 
-def _added(run_dir: Path) -> list[tuple[MetricSpec, Any]]:
-    """Every added metric of a run: its description and its values (a DataFrame keyed by the record keys)."""
+def _added(run_dir: Path, damaged_files: list[str] | None = None) -> list[tuple[MetricSpec, Any]]:
+    """Every added metric of a run: its description and its values (a DataFrame keyed by the record keys).
+
+    A file that cannot be read (truncated, emptied) is left out, with a note naming it appended to
+    `damaged_files`.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     found = []
     for path in sorted((run_dir / "added").glob("*.parquet")):
-        table = pq.read_table(path)
-        if _SPEC_KEY not in (table.schema.metadata or {}):
+        try:
+            table = pq.read_table(path)
+            if _SPEC_KEY not in (table.schema.metadata or {}):
+                raise _Foreign()
+            data = json.loads(table.schema.metadata[_SPEC_KEY])
+            spec = MetricSpec(**{**data, "bounds": tuple(data["bounds"])})
+            values = table.to_pandas()
+            missing = [column for column in [*KEY_COLUMNS, *spec.columns] if column not in values.columns]
+            if missing:
+                raise ValueError(f"it lacks the columns {missing}")
+        except _Foreign:
             raise ValueError(f"{path} was not written by `evaluate.py report --metrics` (it holds no metric "
-                             "description); move it out of the added/ folder.")
-        data = json.loads(table.schema.metadata[_SPEC_KEY])
-        found.append((MetricSpec(**{**data, "bounds": tuple(data["bounds"])}), table.to_pandas()))
+                             "description); move it out of the added/ folder.") from None
+        except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) as error:  # truncated, emptied, edited
+            if damaged_files is not None:
+                damaged_files.append(
+                    f"{damaged(path, error)}: the added metric {path.stem!r} is left out; the run's records are "
+                    f"intact. Remove the file and add the metric again with: python evaluate.py report {run_dir} "
+                    "--metrics '{" + path.stem + ": {class_path: ..., init_args: {...}}}' (as it was added)."
+                )
+            continue
+        found.append((spec, values))
     return found
+
+
+class _Foreign(Exception):
+    """A whole Parquet file in added/ that holds no metric description."""
 
 
 def merge_added(
     run_dir: str | Path, records: Any, description: RunDescription
 ) -> tuple[Any, RunDescription, list[str]]:
     """The records with the columns of every added metric of the run, the description with those metrics, and a
-    note for each added metric left out because it lacks some records (added before the run was resumed)."""
+    note for each added metric left out because it lacks some records (added before the run was resumed) or its
+    file is damaged."""
     run_dir = Path(run_dir)
     notes = []
     added = []
-    for spec, values in _added(run_dir):
+    for spec, values in _added(run_dir, notes):
         merged = records[KEY_COLUMNS].merge(values, on=KEY_COLUMNS, how="left", validate="one_to_one", indicator=True)
         missing = int((merged["_merge"] != "both").sum())
         if missing:

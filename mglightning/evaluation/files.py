@@ -1,4 +1,5 @@
-"""Writing into a run folder: whole files or none, and a full disk named as such."""
+"""Writing into a run folder: whole files or none, a full disk named as such, and a damaged file named with what
+it held and how to recover."""
 
 from __future__ import annotations
 
@@ -6,11 +7,21 @@ import errno
 import os
 from pathlib import Path
 
-__all__ = ["OutOfSpaceError", "atomic_write_bytes", "raise_if_out_of_space"]
+__all__ = ["DamagedFileError", "OutOfSpaceError", "atomic_write_bytes", "raise_if_out_of_space"]
 
 
 class OutOfSpaceError(OSError):
     """The disk holding the run folder is full: what was being written is named, nothing half-written is left."""
+
+
+class DamagedFileError(ValueError):
+    """A file of a run folder cannot be read (truncated, emptied, edited): the message names it, says what it held
+    and what in the folder is intact, and how to recover."""
+
+
+def damaged(path: Path, error: BaseException) -> str:
+    """The first words of a `DamagedFileError`: the file and what reading it raised."""
+    return f"{path} is damaged ({type(error).__name__}: {error})"
 
 
 def raise_if_out_of_space(error: BaseException, path: Path) -> None:

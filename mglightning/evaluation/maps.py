@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mglightning.evaluation.files import DamagedFileError, damaged
 from mglightning.evaluation.records import atomic_write_bytes, read_records
 
 __all__ = ["MAP_DTYPES", "BatchMaps", "MapWriter", "StoredMaps", "iter_maps", "load_maps", "map_files"]
@@ -170,19 +171,84 @@ def map_files(run_dir: str | Path) -> list[Path]:
     return paths
 
 
-def _headers(run_dir: Path) -> list[_File]:
-    """Every maps file's header (its indices and entries), oldest first."""
+class _NotMaps(ValueError):
+    """A file in maps/ that is whole but was not written by this version's `MapWriter`."""
+
+
+_KINDS = {"clean": ("label",), "attacked": ("label", "method", "attack"), "inputs": (),
+          "attacked_inputs": ("method", "attack")}
+
+
+def _header(path: Path) -> _File:
+    """One maps file's header, checked: every entry names a tensor of the file and the keys its kind needs."""
     from safetensors import safe_open
 
-    files = []
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise _NotMaps(f"{path} is not a maps file of this mglightning version (format "
+                           f"{metadata.get('format')!r}, expected {FORMAT!r}).")
+        names = set(handle.keys())
+        index = handle.get_tensor("index")
+        written = int(metadata["written"])
+        entries = json.loads(metadata["entries"])
+    if index.dim() != 1 or index.dtype != torch.int64:
+        raise ValueError(f"its index is a {index.dtype} tensor of shape {tuple(index.shape)}, not (B,) int64")
+    if not isinstance(entries, list):
+        raise ValueError("its entries metadata is not a list")
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("kind") not in _KINDS:
+            raise ValueError(f"an entry is not a stored map's key: {entry!r}")
+        needed = ["tensor", *_KINDS[entry["kind"]], *(["scale"] if "scale" in entry else [])]
+        if any(not isinstance(entry.get(key), str) for key in needed):
+            raise ValueError(f"the entry {entry!r} lacks one of {needed}")
+        if entry["tensor"] not in names or entry.get("scale", entry["tensor"]) not in names:
+            raise ValueError(f"the entry {entry!r} names a tensor the file does not hold")
+    cleans = {entry["label"] for entry in entries if entry["kind"] == "clean"}
+    if any(entry["kind"] == "attacked" and entry["label"] not in cleans for entry in entries):
+        raise ValueError("an attacked map has no clean map of its explainer")
+    return _File(path, written, index.tolist(), entries)
+
+
+def _paired_records(path: Path) -> Path | None:
+    """The records file of the batch whose maps `path` holds: the same rank and process wrote it right after."""
+    rank, written, pid = path.stem.split("-") if path.stem.count("-") == 2 else ("", "", "")
+    if not written.isdigit():
+        return None
+    later = [(int(time), other) for other in (path.parent.parent / "records").glob(f"{rank}-*-{pid}.parquet")
+             for time in [other.stem.split("-")[1]] if time.isdigit() and int(time) >= int(written)]
+    return min(later)[1] if later else None
+
+
+def _damaged_maps(run_dir: Path, broken: list[tuple[Path, BaseException]], intact: int) -> DamagedFileError:
+    """What to say about damaged maps files: each with its batch's records file, and what is intact."""
+    lines = []
+    for path, error in broken:
+        paired = _paired_records(path)
+        held = (f"the maps of the batch whose records are {paired}" if paired is not None
+                else "the maps of one batch of one rank (its records file is not in records/)")
+        lines.append(f"{damaged(path, error)}; it held {held}")
+    return DamagedFileError(
+        "\n".join(lines) + f"\nThe other {intact} maps files are intact. To store the lost maps again, move each "
+        f"damaged file and its batch's records file out of {run_dir} and run the same evaluate.py command with "
+        f"--resume {run_dir}: it evaluates those samples again (with their maps) and keeps the others."
+    )
+
+
+def _headers(run_dir: Path) -> list[_File]:
+    """Every maps file's header (its indices and entries), oldest first; damaged files are named together."""
+    from safetensors import SafetensorError
+
+    files, broken = [], []
     for path in map_files(run_dir):
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a maps file of this mglightning version (format "
-                                 f"{metadata.get('format')!r}, expected {FORMAT!r}).")
-            index = handle.get_tensor("index").tolist()
-        files.append(_File(path, int(metadata["written"]), index, json.loads(metadata["entries"])))
+        try:
+            files.append(_header(path))
+        except _NotMaps:
+            raise
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:  # truncated, emptied, edited
+            broken.append((path, error))
+    if broken:
+        raise _damaged_maps(run_dir, broken, len(files))
     return sorted(files, key=lambda item: (item.written, item.path.name))
 
 

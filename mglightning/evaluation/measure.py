@@ -129,7 +129,8 @@ def method_rows(explainer_labels: Sequence[str], epsilons: Sequence[float]) -> l
 class GridSample:
     """The saliency-grid part of one batch: its samples with index below `grid_samples`.
 
-    `clean`, `attacked_input` and `attacked` are `{results row: (k, C, H, W)}`, under the run's first attack.
+    `clean`, `attacked_input` and `attacked` are `{results row: (k, C, H, W)}`, each row under the first of the
+    run's attacks that applies to it (a row that no attack applies to has none).
     """
 
     index: Tensor
@@ -243,7 +244,6 @@ def measure_batch(
     if keep.any():
         grid = GridSample(indices.cpu()[keep], images.detach().cpu()[keep], labels.cpu()[keep],
                           predictions.cpu()[keep])
-    first_attack = next(iter(attacks))
     maps = None
     if keep_maps:
         maps = BatchMaps(indices.cpu(), inputs=images.detach().cpu() if keep_inputs else None)
@@ -337,7 +337,9 @@ def measure_batch(
                     maps.attacked[(method, attack_label)] = attacked.detach().cpu()
                     if keep_inputs:
                         maps.attacked_inputs[(method, attack_label)] = result.inputs.detach().cpu()
-                if grid is not None and attack_label == first_attack:
+                # The grid shows each row under the first attack that applies to it (not every attack applies
+                # to every method, e.g. `exact` or a `distinct_only` one).
+                if grid is not None and method not in grid.attacked:
                     grid.clean[method] = clean.detach().cpu()[keep]
                     grid.attacked_input[method] = result.inputs.detach().cpu()[keep]
                     grid.attacked[method] = attacked.detach().cpu()[keep]

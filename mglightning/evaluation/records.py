@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mglightning.evaluation.description import RunDescription
-from mglightning.evaluation.files import OutOfSpaceError, atomic_write_bytes
+from mglightning.evaluation.files import DamagedFileError, OutOfSpaceError, atomic_write_bytes, damaged
 
 __all__ = [
     "OutOfSpaceError",
@@ -157,7 +157,22 @@ def read_records(run_dir: str | Path, metric_columns: Sequence[str] | None = Non
     files = sorted((run_dir / "records").glob("*.parquet"))
     if not files:
         return schema.empty_table().to_pandas()
-    frame = pd.concat([pq.read_table(path, schema=schema).to_pandas() for path in files], ignore_index=True)
+    tables, broken = [], []
+    for path in files:
+        try:
+            tables.append(pq.read_table(path, schema=schema).to_pandas())
+        except (pa.ArrowException, OSError, ValueError) as error:  # truncated, emptied, foreign or edited
+            broken.append(damaged(path, error))
+    if broken:
+        intact = int(pd.concat(tables)["index"].nunique()) if tables else 0
+        raise DamagedFileError(
+            f"{'; '.join(broken)}. Each records file holds the records of one batch of one rank (its samples "
+            f"cannot be read from it); the other {len(tables)} records files are intact and hold {intact} samples. "
+            f"Move the damaged file{'s' if len(broken) > 1 else ''} out of {run_dir / 'records'} and run the same "
+            f"evaluate.py command with --resume {run_dir}: it evaluates the samples they held again and keeps the "
+            "others."
+        )
+    frame = pd.concat(tables, ignore_index=True)
     duplicated = frame.duplicated(["method", "attack", "index"])
     if duplicated.any():
         raise ValueError(

@@ -8,8 +8,10 @@
 - **Nothing lost by `--overwrite`**: `move_aside` moves a folder's records, grid samples, stored maps, added
   metrics, results, figures, description and logs into `<run_dir>/replaced-<UTC time>/` (called only after the new
   evaluation has been checked).
-- **No empty runs**: `discard_unstarted` removes what a run that failed before its first record left, so that
-  `--resume last` cannot pick it.
+- **A refused command changes nothing**: `evaluate.py` takes the lock before it writes anything (a busy folder is
+  refused before the classifier is even loaded), and a command that fails or is refused removes only what it
+  created itself: the new `version_<n>` folder it reserved (`discard_unstarted`, so that `--resume last` cannot
+  pick an empty run), or, in a `--resume` folder, its own lock and logger files. Never an earlier run's files.
 """
 
 from __future__ import annotations
@@ -22,11 +24,23 @@ import socket
 import time
 from pathlib import Path
 
-__all__ = ["RunFolderBusyError", "RunLock", "choose_run_folder", "discard_unstarted", "move_aside"]
+__all__ = ["COMMAND_LOCK_VARIABLE", "RunFolderBusyError", "RunLock", "choose_run_folder", "discard_unstarted",
+           "locked_by_command", "move_aside"]
 
 # What a run writes into its folder (the lock file aside); what --overwrite moves aside and an unstarted run removes.
 RUN_CONTENTS = ("records", "grid", "maps", "added", "run.json", "config.yaml", "results.*", "*.png",
                 "events.out.tfevents.*", "hparams.yaml")
+
+
+# Set by `evaluate.py` while the command holds its run folder's lock (read by its own processes and by those that
+# Lightning starts from it): the evaluator then takes no lock of its own.
+COMMAND_LOCK_VARIABLE = "MGLIGHTNING_EVALUATION_RUN_LOCKED"
+
+
+def locked_by_command(run_dir: str | Path) -> bool:
+    """Whether the `evaluate.py` command running this process already holds `run_dir`'s lock."""
+    held = os.environ.get(COMMAND_LOCK_VARIABLE)
+    return bool(held) and Path(held).absolute() == Path(run_dir).absolute()
 
 
 class RunFolderBusyError(RuntimeError):
@@ -160,17 +174,22 @@ def move_aside(run_dir: str | Path) -> Path | None:
     return aside
 
 
-def discard_unstarted(run_dir: str | Path) -> bool:
-    """Remove what a run left that failed before its first record (its run.json, config, logs, and the folder
-    itself when nothing else is in it); returns whether it did. A folder holding records is left as it is."""
+def discard_unstarted(run_dir: str | Path, lock: RunLock) -> bool:
+    """Remove a run folder that this command created (`choose_run_folder`) when its run failed before its first
+    record, so that `--resume last` cannot pick it; returns whether it did.
+
+    `lock` is the folder's lock, held by this process since the folder was created, so everything in the folder
+    is this command's own. Never call it on a folder that the command did not create: a refused `--resume`
+    leaves its folder as it was. A folder holding records is left as it is (the lock stays held).
+    """
     run_dir = Path(run_dir)
+    if not lock.held or lock.path.parent != run_dir:
+        raise ValueError(f"discard_unstarted({run_dir}) needs that folder's lock, held by this process.")
     if not run_dir.is_dir() or any((run_dir / "records").glob("*.parquet")):
         return False
     for path in _contents(run_dir):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    lock = run_dir / ".lock"
-    if lock.is_file():
-        lock.unlink()
+    lock.release()
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
     return True

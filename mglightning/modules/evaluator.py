@@ -40,9 +40,9 @@ from mglightning.evaluation.measure import (
     metric_columns,
     metric_specs,
 )
-from mglightning.evaluation.files import atomic_write_bytes
+from mglightning.evaluation.files import DamagedFileError, atomic_write_bytes
 from mglightning.evaluation.records import RecordWriter, read_records, recorded_indices
-from mglightning.evaluation.run_folder import RunFolderBusyError, RunLock, move_aside
+from mglightning.evaluation.run_folder import RunFolderBusyError, RunLock, locked_by_command, move_aside
 from mglightning.explainers.base import Explainer
 from mglightning.models.loading import ClassifierSource, build_classifier
 from mglightning.metrics import SampleMetric
@@ -167,6 +167,7 @@ class ExplanationEvaluator(pl.LightningModule):
         epsilons = [float(e) for e in (epsilon if isinstance(epsilon, (list, tuple)) else [epsilon])]
         if not epsilons:
             raise ValueError("Give at least one attack budget epsilon.")
+        _check_distinct(epsilons, [str(label) for label in explainers], list(attacks or {}), keep_maps is not None)
         if keep_maps is not None and keep_maps not in MAP_DTYPES:
             raise ValueError(f"keep_maps must be one of {sorted(MAP_DTYPES)} (or null: no maps), got {keep_maps!r}.")
         if keep_inputs and keep_maps is None:
@@ -240,6 +241,7 @@ class ExplanationEvaluator(pl.LightningModule):
         self._writer: RecordWriter | None = None
         self._map_writer: MapWriter | None = None
         self._lock: RunLock | None = None
+        self.folder_checked = False  # whether the run folder was accepted (a refused run changed nothing in it)
 
     # ------------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -266,7 +268,8 @@ class ExplanationEvaluator(pl.LightningModule):
         description = self.describe(datamodule, planned)
         self.description = description
         strategy = self.trainer.strategy
-        if self.trainer.is_global_zero:
+        # evaluate.py took the lock before it wrote anything; run on its own, the evaluator takes it here.
+        if self.trainer.is_global_zero and not locked_by_command(run_dir):
             try:
                 self._lock = RunLock(run_dir).acquire()
             except RunFolderBusyError:
@@ -296,15 +299,22 @@ class ExplanationEvaluator(pl.LightningModule):
                 "the run's settings, evaluate into a new folder, or pass --overwrite true to start it afresh."
             )
         strategy.barrier("run folder checked")
+        replacing = existing is not None and self.overwrite
+        expected = {row.method: list(row.surrogates) for row in description.rows}
+        try:  # read before anything is written: a damaged records file refuses the run, the folder as it was
+            done = set() if replacing else recorded_indices(run_dir, expected, description.metric_columns)
+        except DamagedFileError:
+            self._release()
+            self._discard_own_events()
+            raise
+        strategy.barrier("records read")
+        self.folder_checked = True
         if self.trainer.is_global_zero:
-            if existing is not None and self.overwrite:
+            if replacing:
                 aside = move_aside(run_dir)
                 print(f"--overwrite: the previous run in {run_dir} was moved to {aside}.")
             description.save(run_dir)
         strategy.barrier("run described")
-        expected = {row.method: list(row.surrogates) for row in description.rows}
-        done = recorded_indices(run_dir, expected, description.metric_columns)
-        strategy.barrier("records read")
         remaining = [index for index in range(planned) if index not in done]
         if not remaining:
             self._release()
@@ -528,6 +538,25 @@ class _Progress:
         if self._ticker is not None:
             self._ticker.join()
         self.bar.close()
+
+
+def _check_distinct(epsilons: list[float], explainer_labels: list[str], attack_labels: list[str],
+                    keep_maps: bool) -> None:
+    """Refuse, before any work, settings whose results rows or stored maps would share a name (the run would
+    compute everything, then find two records, or two maps, under one key)."""
+    seen: dict[str, float] = {}
+    for eps in epsilons:
+        if f"{eps:g}" in seen:
+            raise ValueError(
+                f"model.epsilon lists the budget {eps:g} twice ({seen[f'{eps:g}']!r} and {eps!r}): each budget is one "
+                f"results row named <explainer>@eps={eps:g}. List each budget once."
+            )
+        seen[f"{eps:g}"] = eps
+    if keep_maps:
+        slashed = [label for label in explainer_labels + attack_labels if "/" in label]
+        if slashed:
+            raise ValueError(f"model.keep_maps names each stored map by its explainer and attack labels: labels "
+                             f"{slashed} hold '/', with which two maps could share a name; rename them.")
 
 
 def _existing_description(run_dir: Path) -> RunDescription | object | None:

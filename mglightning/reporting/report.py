@@ -119,18 +119,22 @@ def load_grid(run_dir: Path, description: RunDescription) -> dict[str, Any] | No
     """The saliency-grid samples that every rank saved (`<run_dir>/grid/*.pt`), as `saliency_grid` arguments.
 
     A sample saved twice (a batch evaluated again after a crash between its grid and its records) counts once,
-    from the newest file.
+    from the newest file. Each results row is drawn under the first attack that applied to it; a row that no
+    attack applied to is left out. A damaged file is left out with a warning naming it and its samples (the grid
+    is a figure: the records and results do not depend on it).
     """
     files = sorted((Path(run_dir) / "grid").glob("*.pt"), key=lambda path: path.stat().st_mtime)
-    if not files:
+    parts = [part for part in (_grid_part(path) for path in files) if part is not None]
+    if not parts:
         return None
-    parts = [GridSample.from_dict(torch.load(path, map_location="cpu", weights_only=True)) for path in files]
     newest: dict[int, tuple[int, int]] = {}
     for number, part in enumerate(parts):
         for position, index in enumerate(part.index.tolist()):
             newest[index] = (number, position)
     order = sorted(newest)
-    methods = [row.method for row in description.rows]
+    methods = [row.method for row in description.rows if all(row.method in part.clean for part in parts)]
+    if not methods:
+        return None
 
     def stack(key: str, method: str | None = None) -> torch.Tensor:
         values = []
@@ -149,6 +153,29 @@ def load_grid(run_dir: Path, description: RunDescription) -> dict[str, Any] | No
         "predictions": stack("prediction"),
         "sample_ids": torch.tensor(order),
         "num_samples": len(order),
-        "method_names": {row.method: row.display_name for row in description.rows},
-        "highlight": [row.method for row in description.rows if row.family == "moreaugrad"],
+        "method_names": {row.method: row.display_name for row in description.rows if row.method in methods},
+        "highlight": [row.method for row in description.rows if row.family == "moreaugrad" and row.method in methods],
     }
+
+
+def _grid_part(path: Path) -> GridSample | None:
+    """One grid file's samples, or None (with a warning naming it) when it is damaged."""
+    import warnings
+
+    try:
+        part = GridSample.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        count = len(part.index)
+        tensors = [part.image, part.label, part.prediction, *part.clean.values(), *part.attacked_input.values(),
+                   *part.attacked.values()]
+        if part.index.dim() != 1 or any(not isinstance(value, torch.Tensor) or len(value) != count
+                                        for value in tensors):
+            raise ValueError("its tensors do not hold one entry per sample")
+    except Exception as error:  # whatever a damaged file raises: a truncated archive, unpickling, missing keys
+        first = path.name.split("-")[1] if path.name.startswith("samples-") else "?"
+        warnings.warn(
+            f"{path} is damaged ({type(error).__name__}: {error}); it held the saliency-grid samples of one batch, "
+            f"from dataset index {first}. The saliency grid leaves them out; the records and results are intact. "
+            "Remove the file to draw the grid from the other samples without this warning."
+        )
+        return None
+    return part
