@@ -37,7 +37,7 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 docs: setup $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
-# Keeps checkpoints/cifar10_cpu/, the published models of the CIFAR-10 study.
+# Keeps checkpoints/cifar10_study/, the published models of the CIFAR-10 study.
 clean:
 	rm -rf $(VENV) logs .pytest_cache site
-	find checkpoints -mindepth 1 -maxdepth 1 -type d ! -name cifar10_cpu -exec rm -rf {} +
+	find checkpoints -mindepth 1 -maxdepth 1 -type d ! -name cifar10_study -exec rm -rf {} +

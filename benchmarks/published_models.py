@@ -1,7 +1,7 @@
 """Publish trained CIFAR-10 models as safetensors and check that they reproduce their stated test accuracy.
 
     # export: a train.py checkpoint -> <out>/seed<k>.safetensors, its sha256 and test accuracy into models.json
-    python benchmarks/published_models.py export --seed 0 --checkpoint checkpoints/cifar10_cpu_seed0/best.ckpt \
+    python benchmarks/published_models.py export --seed 0 --checkpoint checkpoints/cifar10_cpu/best.ckpt \
         --command "python train.py fit --config configs/cifar10_cpu.yaml --seed_everything 0" --data-dir data/cifar10
     # check: every model listed in models.json, read from its safetensors file as the study reads it
     python benchmarks/published_models.py check --data-dir data/cifar10
@@ -32,7 +32,7 @@ from mglightning.data import CIFAR10DataModule  # noqa: E402
 from mglightning.models import ClassifierSource, read_state_dict  # noqa: E402
 from mglightning.modules.classifier import load_classifier  # noqa: E402
 
-DEFAULT_FOLDER = REPO / "checkpoints" / "cifar10_cpu"
+DEFAULT_FOLDER = REPO / "checkpoints" / "cifar10_study"
 # The architecture of configs/cifar10_cpu.yaml; the normalisation travels inside the state dict.
 ARCH = {"arch": "resnet18", "model_kwargs": {"activation": "softplus", "beta": 1.0, "width": 8}}
 

@@ -1,4 +1,4 @@
-"""The published CIFAR-10 models (checkpoints/cifar10_cpu/): their files match models.json, and the script that
+"""The published CIFAR-10 models (checkpoints/cifar10_study/): their files match models.json, and the script that
 exports and checks them reproduces a model's test accuracy and catches a changed file."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from mglightning.models import create_model
 from mglightning.modules.classifier import load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
-PUBLISHED = REPO / "checkpoints" / "cifar10_cpu"
+PUBLISHED = REPO / "checkpoints" / "cifar10_study"
 
 
 def _script():
