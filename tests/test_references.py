@@ -57,8 +57,9 @@ def missing_paths(path: Path) -> list[str]:
             continue
         if not (ROOT / reference).exists():
             missing.append(reference)
-    # ... or that a command in the same text writes with --checkpoint.dirpath.
+    # ... or that a command in the same text writes with --checkpoint.dirpath, or that the repository publishes.
     experiments = trained_experiments() | set(re.findall(r"--checkpoint\.dirpath[ =]checkpoints/([\w.-]+)", text))
+    experiments |= {path.parent.name for path in (ROOT / "checkpoints").glob("*/models.json")}
     missing += [f"checkpoints/{name}/ (no config trains it)" for name in CHECKPOINT.findall(text)
                 if name not in experiments and not PLACEHOLDER & set(name)]
     if path.suffix == ".md":
