@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +190,34 @@ def test_the_records_compare_the_worst_map_change_with_corollary_1(rho):
             assert math.isfinite(bound) == (rho < 1)
             assert record.bound == pytest.approx(bound) if math.isfinite(bound) else record.bound is None
             assert record.bound_holds == (None if record.bound is None else float(record.map_change <= record.bound))
+
+
+# ----------------------------------------------------------------------------------------------------- configs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("config", ["eval_cifar10_study.yaml", "eval_cifar10.yaml", "eval_tinyimagenet.yaml",
+                                    "eval_imagenet.yaml"])
+@pytest.mark.parametrize("overlay", [None, "paper_procedure"])
+def test_the_headline_is_the_worst_case_and_the_paper_procedure_is_the_overlay(config, overlay, capsys):
+    import yaml
+
+    import evaluate
+
+    extra = ["--config", str(CONFIGS / "presets" / f"{overlay}.yaml")] if overlay else []
+    arguments = ["--config", str(CONFIGS / config), *extra]
+    if config == "eval_cifar10_study.yaml":  # another seed's weights, as the docs run it
+        arguments += ["--model.classifier.weights", "checkpoints/cifar10_cpu/seed2.safetensors"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.cli_main([*arguments, "--print_config"])
+    assert exit_info.value.code == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert list(model["attacks"]) == (["own"] if overlay else ["own", "exact", "transfer", "noise"])
+    if config == "eval_cifar10_study.yaml":
+        assert model["classifier"]["weights"] == "checkpoints/cifar10_cpu/seed2.safetensors"
+        assert model["epsilon"] == [0.250, 0.751] and model["max_samples"] == 32
+        assert set(model["explainers"]) == {"simple_gradient", "integrated_gradients", "smoothgrad", "moreaugrad",
+                                            "sparse_moreaugrad"}
+        assert model["metrics"]["sanity"]["class_path"] == "mglightning.metrics.ModelRandomisation"
+        assert model["convexity_iterations"] > 0
