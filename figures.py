@@ -275,7 +275,7 @@ def frontier(
         device: torch device.
     """
     data.setup("test")
-    source = ClassifierSource(**classifier) if isinstance(classifier, dict) else classifier
+    source = classifier
     if isinstance(source, str) and not Path(source).is_file():
         raise FileNotFoundError(f"--classifier {source!r} does not exist; train one first (python train.py fit ...).")
     model = load_classifier(source, map_location=device, num_classes=data.num_classes, image_size=data.image_size,
