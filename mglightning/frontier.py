@@ -17,7 +17,7 @@ curve lies higher at the same fidelity. Every point is computed by `mglightning.
 evaluation's own code, on the same samples and seeds.
 
 Example:
-    >>> result = robustness_fidelity_frontier(model, samples, rhos=[0.02, 0.06], sigmas=[0.05, 0.1], epsilon=0.75)
+    >>> result = robustness_fidelity_frontier(model, samples, [0.02, 0.06], [0.05, 0.1], epsilon=0.75)  # doctest: +SKIP
     >>> figure = frontier_figure(result)                         # doctest: +SKIP
 """
 

@@ -221,3 +221,12 @@ def test_the_headline_is_the_worst_case_and_the_paper_procedure_is_the_overlay(c
                                             "sparse_moreaugrad"}
         assert model["metrics"]["sanity"]["class_path"] == "mglightning.metrics.ModelRandomisation"
         assert model["convexity_iterations"] > 0
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import mglightning.reporting.study
+
+    outcome = doctest.testmod(mglightning.reporting.study, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert outcome.failed == 0 and outcome.attempted >= 1
