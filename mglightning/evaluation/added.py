@@ -218,7 +218,8 @@ def _added(run_dir: Path) -> list[tuple[MetricSpec, Any]]:
             raise ValueError(f"{path} was not written by `evaluate.py report --metrics` (it holds no metric "
                              "description); move it out of the added/ folder.")
         data = json.loads(table.schema.metadata[_SPEC_KEY])
-        found.append((MetricSpec(**{**data, "bounds": tuple(data["bounds"])}), table.to_pandas()))
+        tuples = {key: tuple(data[key]) for key in ("bounds", "control", "counted") if data.get(key) is not None}
+        found.append((MetricSpec(**{**data, **tuples}), table.to_pandas()))
     return found
 
 
