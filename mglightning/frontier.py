@@ -58,6 +58,7 @@ class FrontierPoint:
         discrepancy: mean normalised distance of the clean map from the simple gradient's.
         evals_per_image: gradient evaluations per image (clean map + every attack + attacked maps).
         seconds: wall-clock seconds of the point (all samples, all attacks).
+        cpu_seconds: CPU seconds of this process for the point (what to plan with on a shared machine).
     """
 
     method: str
@@ -71,6 +72,7 @@ class FrontierPoint:
     discrepancy_ci: tuple[float, float]
     evals_per_image: float
     seconds: float
+    cpu_seconds: float
 
 
 def _attacks(steps: int) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def robustness_fidelity_frontier(
     metrics = {"topk": TopKIntersection(fraction=0.4), "fidelity": DeletionInsertionAUC(steps=deletion_steps)}
     points = []
     for method, parameter, value, explainer in candidates:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         records, clean = [], []
         for start in range(0, len(samples.images), batch_size):
             part = slice(start, start + batch_size)
@@ -147,7 +149,7 @@ def robustness_fidelity_frontier(
             )
             records += measured.records
             clean.append(measured.maps.clean[method])
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         worst: dict[int, float] = {}
         deletion: dict[int, float] = {}
         evals: dict[int, float] = {}
@@ -166,6 +168,7 @@ def robustness_fidelity_frontier(
             deletion_auc=float(auc.mean()), deletion_auc_ci=bootstrap_interval(auc, seed=seed),
             discrepancy=float(distance.mean()), discrepancy_ci=bootstrap_interval(distance, seed=seed),
             evals_per_image=float(np.mean(list(evals.values()))), seconds=round(seconds, 2),
+            cpu_seconds=round(cpu_seconds, 2),
         )))
     return {
         "points": points, "epsilon": float(epsilon), "samples": int(len(samples.images)),
