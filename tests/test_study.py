@@ -89,7 +89,8 @@ def _description(classifier: str) -> RunDescription:
 
 def _run(folder, model: int, samples: int = 8):
     """A run folder of one model: top-k per attack, sanity values and the Corollary 1 fields, made up."""
-    description = _description(f"checkpoints/seed{model}.safetensors")
+    # As the evaluator names a classifier spec (the ClassifierSource's repr).
+    description = _description(f"ClassifierSource(arch='resnet18', weights='checkpoints/seed{model}.safetensors')")
     folder.mkdir(parents=True)
     description.save(folder)
     records = []
@@ -150,7 +151,8 @@ def test_the_study_pools_the_models_compares_with_both_baselines_and_renders(tmp
     assert table == paths["md"].read_text().split("\n\n", 1)[1]
     assert "3 comparisons" in table and "| moreaugrad | smoothgrad | 1 | top-k ↑ | +0.100" in table
     assert "6 (of 21)" not in table and "0.857 (of 21)" in table and "| 6 | 0 of 3 |" in table
-    assert "3 models (seed0.safetensors, seed1.safetensors, seed2.safetensors), 8 test samples" in table
+    assert "3 models (seed0.safetensors sha256 abababababab, seed1.safetensors sha256 abababababab, " in table
+    assert "8 test samples each" in table
     assert "0.857 (of 21)" in capsys.readouterr().out
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -308,6 +309,13 @@ def _signed(value: float | None) -> str:
     return "–" if value is None else f"{value:+.3f}"
 
 
+def _model_name(model: dict[str, Any]) -> str:
+    """A model's weights file name (a checkpoint's, or the `weights` of a classifier spec) and its sha256 prefix."""
+    found = re.search(r"weights='([^']+)'", model["classifier"])
+    name = Path(found.group(1) if found else model["classifier"]).name
+    return name + (f" sha256 {model['weights_sha256'][:12]}" if model.get("weights_sha256") else "")
+
+
 def study_markdown(path: str | Path) -> str:
     """The study's headline tables in Markdown, from its `study.json` alone.
 
@@ -322,7 +330,7 @@ def study_markdown(path: str | Path) -> str:
     models = study["models"]
     samples = sorted({model["samples"] for model in models})
     lines = [
-        f"{len(models)} models ({', '.join(Path(model['classifier']).name for model in models)}), "
+        f"{len(models)} models ({', '.join(_model_name(model) for model in models)}), "
         f"{'/'.join(str(n) for n in samples)} test samples each; each sample at its worst case over the attacks "
         f"{', '.join(study['attacks'])}. Intervals: 95% hierarchical bootstrap (models, then samples; "
         f"{study['resamples']} resamples). Commit {study['git_commit']}.",
