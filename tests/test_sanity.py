@@ -201,4 +201,4 @@ def test_the_results_flag_a_method_whose_maps_do_not_depend_on_the_model(checkpo
     assert counts == {"sanity_undefined": 0}
     printed = capsys.readouterr().out
     assert "WARNING: input_map: its maps keep a rank correlation of 1.00" in printed  # above flag_above
-    assert " ⚠ |" in printed and "| sanity undefined n |" in printed and "sanity control |ρ|" in printed
+    assert " ⚠ |" in printed and "| sanity undefined n |" in printed and "sanity control abs ρ" in printed

@@ -41,8 +41,8 @@ __all__ = [
 # Table titles of the built-in columns; any other column is titled by its name, with its direction's arrow.
 _TITLES = {
     "distance": "distance", "topk": "top-k", "ssim": "SSIM", "gini": "Gini", "zero_fraction": "zero share",
-    "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC", "sanity": "sanity |ρ|",
-    "sanity_signed": "sanity signed ρ", "sanity_control": "sanity control |ρ|", "sanity_undefined": "sanity undefined",
+    "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC", "sanity": "sanity abs ρ",
+    "sanity_signed": "sanity signed ρ", "sanity_control": "sanity control abs ρ", "sanity_undefined": "sanity undefined",
 }
 
 

@@ -344,7 +344,7 @@ def study_markdown(path: str | Path) -> str:
     sanity, corollary = study.get("sanity", {}), study.get("corollary", {})
     header = ["method", "ε"] + [title(column) + " [95% CI]" for column in columns]
     if sanity:
-        header += ["sanity |ρ| / control", "control − |ρ| [95% CI]", "undefined n", "flagged models"]
+        header += ["sanity abs ρ / control", "control − abs ρ [95% CI]", "undefined n", "flagged models"]
     if corollary:
         header += ["Cor. 1 bound holds", "condition fails"]
     lines += ["| " + " | ".join(header) + " |", "| :--- |" + " ---: |" * (len(header) - 1)]
