@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shlex
@@ -145,7 +146,7 @@ def _machine() -> dict[str, Any]:
 
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "python": platform.python_version(), "torch": torch.__version__,
-               "cpu_count": __import__("os").cpu_count()}
+               "cpu_count": os.cpu_count()}
     if torch.cuda.is_available():
         machine["cuda_device"] = torch.cuda.get_device_name(0)
     return machine
