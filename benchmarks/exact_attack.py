@@ -1,4 +1,5 @@
-"""How much each attack moves a MoreauGrad map: the official stand-in, the exact derivative, the simple gradient.
+"""How much each attack moves a MoreauGrad map: the official stand-in, the implicit ("exact") derivative, the simple
+gradient.
 
 On the same samples, seeds, model and budget, the L2 top-k attack (`TopKInterpretationAttack`) runs three ways
 against one MoreauGrad-family explainer:

@@ -69,12 +69,14 @@ class Stream(enum.IntEnum):
         RELEX_MASK: RelEx's initial mask.
         POWER_ITERATION: the start vectors of `HessianOperator`'s power iterations (CASO, convexity).
         ATTACK: the random directions of the `GaussianNoise` attack.
+        SANITY_CONTROL: the model-free control maps of the sanity check (`ModelRandomisation`), copies 0 and 1.
     """
 
     NOISE = 0
     RELEX_MASK = 1
     POWER_ITERATION = 2
     ATTACK = 3
+    SANITY_CONTROL = 4
 
 
 def philox4x32(counter: Sequence[Tensor], key: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:

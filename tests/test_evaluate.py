@@ -453,6 +453,7 @@ def _records(entries) -> pd.DataFrame:
     base = {"label": 0, "prediction": 0, "target": 0, "explainer": "x", "epsilon": 1.0, "moved": True,
             "seconds_clean": 0.0, "seconds_attack": 0.0, "seconds_attacked": 0.0, "evals_clean": 1.0,
             "evals_attack": 1.0, "evals_attacked": 1.0, "weak_convexity": None, "convex": None, "bound": None,
+            "map_change": None, "bound_holds": None,
             "rank": 0}
     return pd.DataFrame([{**base, **entry} for entry in entries])
 
@@ -487,7 +488,7 @@ def test_worst_case_over_attacks_takes_each_metric_at_its_worst_per_sample():
     assert row.values["ssim"] == pytest.approx((0.4 + 0.5) / 2)  # the lowest SSIM, from either attack
     assert row.values["attack_success"] == 1.0  # moved by some attack
     assert row.values["evals_attack"] == pytest.approx((15.0 + 2.0) / 2)  # the ensemble's cost adds up
-    assert row.worst_attack == {"own": 1, "transfer": 1}  # by distance, the first robustness metric
+    assert row.worst_attack == {"own": 1, "transfer": 1} and row.worst_attack_metric == "distance"  # the first
     assert row.per_attack["own"]["topk"] == pytest.approx(0.7) and row.per_attack["transfer"]["topk"] == pytest.approx(0.75)
     assert row.attack == "worst of own, transfer" and row.surrogate == "own: self, transfer: self"
 

@@ -72,7 +72,8 @@ class TopKInterpretationAttack(Attack):
     - ``"exact"``: for a MoreauGrad-family explainer, a copy of it with ``graph="exact"``: the map itself,
       differentiated by implicit differentiation of the solver's fixed point (conjugate gradients on
       Hessian-vector products, :mod:`mglightning.explainers.implicit`), the derivative of the map that is
-      measured instead of the stand-in's. Other methods raise a ``ValueError``.
+      measured instead of the stand-in's; in regularised mode an estimate (the Hessian is averaged over the
+      noise draws, ``graph_noise_samples``). Other methods raise a ``ValueError``.
     - ``"simple_gradient"``: every method through the simple gradient of the same model and score (transfer).
 
     :attr:`surrogate_name` says which was used (``"self"``, ``"exact"`` or a registry name).
@@ -112,7 +113,7 @@ class TopKInterpretationAttack(Attack):
         step_size: size of each signed step (per pixel), > 0. Default ``epsilon / 100`` (official code).
         topk_fraction: share of the clean map's non-zero entries in ``K``, in (0, 1]. Default 0.4.
         surrogate: ``"self"`` (the explainer's own differentiable map, or its declared surrogate), ``"exact"``
-            (the MoreauGrad family's exact map derivative) or ``"simple_gradient"``. Default ``"self"``.
+            (the MoreauGrad family's implicit map derivative, an estimate in regularised mode) or ``"simple_gradient"``. Default ``"self"``.
         warm_start: start each MoreauGrad solve from the previous step's solution. Default False (cold starts).
         distinct_only: for an attack ensemble: attack only a method for which this surrogate is not its own attack
             already (`exact`: the MoreauGrad family; `simple_gradient`: methods with a differentiable map of their

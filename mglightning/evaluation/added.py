@@ -224,7 +224,8 @@ def _added(run_dir: Path, damaged_files: list[str] | None = None) -> list[tuple[
             if _SPEC_KEY not in (table.schema.metadata or {}):
                 raise _Foreign()
             data = json.loads(table.schema.metadata[_SPEC_KEY])
-            spec = MetricSpec(**{**data, "bounds": tuple(data["bounds"])})
+            tuples = {key: tuple(data[key]) for key in ("bounds", "control", "counted") if data.get(key) is not None}
+            spec = MetricSpec(**{**data, **tuples})
             values = table.to_pandas()
             missing = [column for column in [*KEY_COLUMNS, *spec.columns] if column not in values.columns]
             if missing:

@@ -56,7 +56,9 @@ class MetricSpec:
     `columns` maps each record column to `higher_is_better` (None: no direction); `needs_attack` is False for
     metrics of the clean map alone; `bounds` are the metric's plotting bounds (torchmetrics' `plot_lower_bound`
     and `plot_upper_bound`, None where it has none); a row whose mean lies above `flag_above` is flagged with
-    `flag_message` (e.g. the sanity check's "maps do not depend on the model").
+    `flag_message` (e.g. the sanity check's "maps do not depend on the model"); `control` is `(column, control
+    column)` of a metric whose rows are flagged with `control_message` unless the column is clearly below its
+    control (`SampleMetric.control`); `counted` are 0/1 indicator columns the table shows as counts.
     """
 
     label: str
@@ -68,6 +70,9 @@ class MetricSpec:
     bounds: tuple[float | None, float | None] = (None, None)
     flag_above: float | None = None
     flag_message: str | None = None
+    control: tuple[str, str] | None = None
+    control_message: str | None = None
+    counted: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,12 @@ class RunDescription:
             )
         values = dict(data)
         values.pop("fingerprint", None)
-        values["metrics"] = [{**item, "bounds": tuple(item["bounds"])} for item in values["metrics"]]
+        values["metrics"] = [
+            {**item, "bounds": tuple(item["bounds"]),
+             **({"control": tuple(item["control"])} if item.get("control") else {}),
+             **({"counted": tuple(item["counted"])} if "counted" in item else {})}
+            for item in values["metrics"]
+        ]
         for key, part in parts.items():
             values[key] = tuple(part(**item) for item in values[key])
         values["epsilons"] = tuple(values["epsilons"])

@@ -94,6 +94,10 @@ def build_attack(factory: AttackFactory, explainer: Explainer, epsilon: float, w
 def metric_specs(metrics: Mapping[str, SampleMetric]) -> tuple[MetricSpec, ...]:
     """The run description's entries of metrics: class, constructor settings, record columns and directions."""
     columns = metric_columns(metrics)
+
+    def column_of(label: str, output: str) -> str:
+        return next(column for column, (owner, name) in columns.items() if owner == label and name == output)
+
     return tuple(
         MetricSpec(
             label=label, class_path=f"{type(metric).__module__}.{type(metric).__qualname__}",
@@ -102,6 +106,9 @@ def metric_specs(metrics: Mapping[str, SampleMetric]) -> tuple[MetricSpec, ...]:
             needs_attack=metric.needs_attack, interval=metric.interval,
             bounds=(getattr(metric, "plot_lower_bound", None), getattr(metric, "plot_upper_bound", None)),
             flag_above=getattr(metric, "flag_above", None), flag_message=getattr(metric, "flag_message", None),
+            control=None if metric.control is None else tuple(column_of(label, output) for output in metric.control),
+            control_message=metric.control_message,
+            counted=tuple(column_of(label, output) for output in metric.counted),
         )
         for label, metric in metrics.items()
     )
@@ -275,9 +282,12 @@ def measure_batch(
                 clean_values.update(values_of(metric_label, metric.measure(clean_batch)))
         convexity = None
         if convexity_iterations and explainer.family == "moreaugrad":
+            # Corollary 1's lambda is that of the function whose envelope the method takes: in regularised mode
+            # the Gaussian-smoothed score (its Hessian averaged over the method's own number of draws).
             convexity = local_convexity(
                 model, images, explained, rho=explainer.rho, num_iterations=convexity_iterations,
-                score=explainer.score,
+                score=explainer.score, noise_std=explainer.noise_std, noise_samples=explainer.noise_samples,
+                seeds=seeds,
             )
         for eps in epsilons:
             method = label if len(epsilons) == 1 else f"{label}@eps={eps:g}"
@@ -309,6 +319,13 @@ def measure_batch(
                 seconds_attacked = (_clock(images) - started) / batch_size
                 pair = MapBatch(model, images, explained, clean.detach(), result.inputs, attacked.detach(),
                                 explainer=explainer, seeds=seeds)
+                change = (attacked.detach() - clean.detach()).flatten(1).double().norm(dim=1).cpu().tolist()
+                corollary: dict[str, list[Any]] = {"map_change": change}
+                if diagnostic:
+                    corollary["bound_holds"] = [
+                        None if limit is None else float(moved_by <= limit)
+                        for moved_by, limit in zip(change, diagnostic["bound"])
+                    ]
                 values = dict(clean_values)
                 for metric_label, metric in metrics.items():
                     if metric.needs_attack:
@@ -328,6 +345,7 @@ def measure_batch(
                             seconds_attacked=seconds_attacked,
                             **{key: column[position] for key, column in evals.items()},
                             **{key: column[position] for key, column in diagnostic.items()},
+                            **{key: column[position] for key, column in corollary.items()},
                             rank=rank,
                             values={column: entries[position] for column, entries in values.items()},
                         )

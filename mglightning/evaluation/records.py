@@ -45,7 +45,7 @@ def _column(arrow_type: pa.DataType, summary: str | None = None, across_attacks:
         arrow_type: its Parquet type.
         summary: the results-row value it becomes (its mean over samples), or None (a key or bookkeeping).
         across_attacks: how a sample's records of several attacks combine into its worst case: `first` (the
-            same for every attack), `any` (a flag), `sum` (a cost).
+            same for every attack), `any` (a flag), `sum` (a cost), `max` or `min`.
         title: the results table's column title (none: not a table column).
         lower_is_better: for the table's arrows.
     """
@@ -58,7 +58,9 @@ class Record:
     """One sample's result for one method (explainer and budget) under one attack.
 
     `values` holds the metric values by record column (`metric_columns`); `weak_convexity`, `convex` and `bound`
-    are the local-convexity diagnostic of MoreauGrad-family methods (None when not computed).
+    are the local-convexity diagnostic of MoreauGrad-family methods (None when not computed); `map_change` is
+    the unnormalised L2 change of the map under the attack, and `bound_holds` (1 or 0) compares it with
+    Corollary 1's `bound` where that is finite (None elsewhere).
     """
 
     index: int = field(metadata=_column(pa.int64()))  # dataset index
@@ -79,6 +81,13 @@ class Record:
     weak_convexity: float | None = field(default=None, metadata=_column(pa.float64()))
     convex: float | None = field(default=None, metadata=_column(pa.float64(), "convex_share", "first", "convex share"))
     bound: float | None = field(default=None, metadata=_column(pa.float64()))
+    # Corollary 1 against measurement: the attack's unnormalised change of the map, ||MG(x') - MG(x)||_2, and
+    # whether it stays within `bound` (None where no finite bound was computed). A sample's worst case over
+    # attacks takes the largest change, and the bound holds there only if it holds under every attack.
+    map_change: float | None = field(default=None, metadata=_column(pa.float64(), across_attacks="max"))
+    bound_holds: float | None = field(
+        default=None, metadata=_column(pa.float64(), "corollary_share", "min", "Cor. 1 bound holds")
+    )
     rank: int = field(default=0, metadata=_column(pa.int64()))
     values: dict[str, float] = field(default_factory=dict)
 

@@ -1,4 +1,6 @@
-"""The exact derivative of the MoreauGrad maps with respect to the input, by implicit differentiation (docs/reference/semantics.md section 3).
+"""The implicit derivative of the MoreauGrad maps with respect to the input (the `exact` graph and attack; docs/reference/semantics.md
+section 3): exact for plain MoreauGrad up to the CG tolerance, an estimate in regularised mode (its Hessian is
+averaged over a finite number of noise draws).
 
 The solver returns the displacement `d = z* - x` and the map `A(x) = -d / rho`. The interpretation attack needs
 vector-Jacobian products `v^T dA/dx`; this module gives them without differentiating through the solver's steps,

@@ -154,7 +154,8 @@ class MoreauGrad(Explainer):
             maps to float rounding, faster convolutions on most GPUs, see docs/background/benchmarks.md).
         score: `logit` (default), `log_softmax` or `softmax`.
         graph: the map that `create_graph=True` returns: `surrogate` (default, the official code's stand-in
-            `1[d != 0] * |grad f_c(x + d)|`) or `exact` (the map itself with its implicit derivative).
+            `1[d != 0] * |grad f_c(x + d)|`) or `exact` (the map itself with its implicit derivative; in regularised
+            mode an estimate, its Hessian averaged over `graph_noise_samples` draws).
         graph_tol: the exact graph's CG tolerance on the relative residual (default 1e-3).
         graph_max_iter: the exact graph's most CG iterations (Hessian-vector products) per sample (default 100).
         graph_noise_samples: in regularised mode, the noise draws the exact graph's Hessian is averaged over (the

@@ -4,7 +4,7 @@ Metric classes (``SampleMetric``, a ``torchmetrics.Metric`` with sum/count state
 ``measure(MapBatch)`` gives the per-sample values an evaluation records):
 ``NormalizedDistance``, ``TopKIntersection``, ``SaliencySSIM`` (``update(original, attacked)``) and
 ``Sparsity`` (``update(maps)``). Per-sample functional forms live in :mod:`mglightning.metrics.functional`.
-The sanity check (model-parameter randomisation): ``ModelRandomisation``, ``randomised_copy``,
+The sanity check (model-parameter randomisation): ``ModelRandomisation``, ``control_maps``, ``randomised_copy``,
 ``spearman_correlation`` (:mod:`mglightning.metrics.sanity`). Fidelity of a map to its model: ``DeletionInsertionAUC`` and the per-sample ``deletion_insertion_auc`` /
 ``deletion_insertion_curves`` (:mod:`mglightning.metrics.fidelity`).
 """
@@ -26,7 +26,7 @@ from mglightning.metrics.functional import (
     zero_fraction,
 )
 from mglightning.metrics.robustness import NormalizedDistance, SaliencySSIM, TopKIntersection
-from mglightning.metrics.sanity import ModelRandomisation, randomised_copy, spearman_correlation
+from mglightning.metrics.sanity import ModelRandomisation, control_maps, randomised_copy, spearman_correlation
 from mglightning.metrics.sparsity import Sparsity
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "SampleMetric",
     "Sparsity",
     "TopKIntersection",
+    "control_maps",
     "deletion_insertion_auc",
     "deletion_insertion_curves",
     "gini_index",

@@ -64,6 +64,11 @@ class SampleMetric(Metric):
             `results.json`).
         flag_message: with an instance attribute `flag_above`, the warning (formatted with `value`) for a method
             whose mean lies above it, e.g. the sanity check's.
+        control: `(output, control output)`: the results flag a method unless the 95% paired bootstrap interval
+            of the mean over samples of `control - output` lies above zero (a sample whose `output` is NaN, i.e.
+            undefined, counts as 0), with `control_message` (formatted with `value`, `control`, `gap`, `low`,
+            `high`, `undefined`, `samples`); the sanity check's model-free control.
+        counted: outputs that are 0/1 indicators; the results table shows their count of samples, not a mean.
 
     Args:
         **kwargs: passed to `torchmetrics.Metric` (e.g. `sync_on_compute`).
@@ -75,6 +80,9 @@ class SampleMetric(Metric):
     needs_attack: ClassVar[bool] = True
     interval: ClassVar[bool] = True
     flag_message: ClassVar[str | None] = None
+    control: ClassVar[tuple[str, str] | None] = None
+    control_message: ClassVar[str | None] = None
+    counted: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -41,7 +41,8 @@ __all__ = [
 # Table titles of the built-in columns; any other column is titled by its name, with its direction's arrow.
 _TITLES = {
     "distance": "distance", "topk": "top-k", "ssim": "SSIM", "gini": "Gini", "zero_fraction": "zero share",
-    "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC", "sanity": "sanity ρ",
+    "deletion_auc": "deletion AUC", "insertion_auc": "insertion AUC", "sanity": "sanity abs ρ",
+    "sanity_signed": "sanity signed ρ", "sanity_control": "sanity control abs ρ", "sanity_undefined": "sanity undefined",
 }
 
 
@@ -52,17 +53,23 @@ class ResultRow:
     With several attacks each sample enters at its worst case over them (per metric: the highest value where
     lower is better, the lowest where higher is better), costs add up over the attacks and a sample counts as
     moved when any attack moved it; `per_attack` keeps every attack's own means and `worst_attack` says, per
-    attack, for how many samples it gave the worst value of the first robustness metric.
+    attack, for how many samples it gave the worst value of the robustness metric `worst_attack_metric` (the
+    run's first metric column with a direction that needs the attack).
 
     Attributes:
         values: the mean of every metric column (`distance`, `topk`, ... as the run's metrics name them) and of
             every averaged record field (`attack_success`, `seconds_per_image`, `evals_clean`, ...; None when the
-            run did not compute it, e.g. `convex_share`).
+            run did not compute it, e.g. `convex_share`). With the convexity diagnostic, `corollary_share` is the
+            share of the samples with a finite Corollary 1 bound whose map moved by at most the bound under
+            every attack, and `condition_fails_share` the share of samples where the local condition
+            `rho < 1 / lambda` fails (`1 - convex_share`).
         intervals: the 95% bootstrap interval of the mean of every metric column (`bootstrap_interval`).
         directions: `{metric column: higher_is_better}` (None: no direction).
         shown_intervals: the metric columns whose interval the table shows.
-        flags: `{metric column: warning}` where the row's mean lies above the metric's `flag_above` (the sanity
-            check's "maps do not depend on the model").
+        flags: `{metric column: warning}` where the row's mean lies above the metric's `flag_above`, or where a
+            metric with a control is not clearly below it (the sanity check's "maps may not depend on the model").
+        counts: `{counted column: number of samples}` of a metric's 0/1 indicator columns (the sanity check's
+            undefined samples).
     """
 
     method: str
@@ -81,6 +88,8 @@ class ResultRow:
     per_attack: dict[str, dict[str, float]] = field(default_factory=dict)
     worst_attack: dict[str, int] = field(default_factory=dict)
     flags: dict[str, str] = field(default_factory=dict)
+    worst_attack_metric: str = ""
+    counts: dict[str, int] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
         # Metric values and summaries read as attributes (`row.topk`, `row.topk_ci`, `row.attack_success`).
@@ -153,15 +162,15 @@ def worst_case(records: Any, description: Any) -> Any:
 
     Metric columns that depend on the attack take the worst value (highest where lower is better, lowest where
     higher is better, the mean where there is no direction); the others and the record fields combine as the
-    record type declares (`first`, `any` for flags, `sum` for costs). The column `worst_attack` names the attack
-    that gave the worst value of the first robustness metric. With one attack, the records themselves.
+    record type declares (`first`, `any` for flags, `sum` for costs, `max`, `min`). The column `worst_attack`
+    names the attack that gave the worst value of the first robustness metric (`ranking_metric`). With one
+    attack, the records themselves.
     """
     from mglightning.evaluation.records import record_fields
 
     attacks = [attack.label for attack in description.attacks]
     frame = records[records["attack"].isin(attacks)]
-    robust = [column for metric in description.metrics if metric.needs_attack
-              for column, direction in metric.columns.items() if direction is not None]
+    robust = ranking_metric(description)
     if len(attacks) == 1:
         frame = frame.copy()
         frame["worst_attack"] = attacks[0]
@@ -170,7 +179,8 @@ def worst_case(records: Any, description: Any) -> Any:
     for item in record_fields():
         if item.name in ("method", "index"):
             continue
-        combine[item.name] = {"first": "first", "any": "max", "sum": "sum"}[item.metadata["across_attacks"]]
+        combine[item.name] = {"first": "first", "any": "max", "sum": "sum", "max": "max", "min": "min"}[
+            item.metadata["across_attacks"]]
     for metric in description.metrics:
         for column, direction in metric.columns.items():
             if not metric.needs_attack:
@@ -181,7 +191,7 @@ def worst_case(records: Any, description: Any) -> Any:
     combined = grouped.agg(combine).reset_index()
     combined["attack"] = "worst of " + ", ".join(attacks)
     if robust:
-        key = robust[0]
+        key = robust
         higher = next(direction for metric in description.metrics for column, direction in metric.columns.items()
                       if column == key)
         chosen = frame.loc[grouped[key].idxmin() if higher else grouped[key].idxmax()]
@@ -189,6 +199,34 @@ def worst_case(records: Any, description: Any) -> Any:
     else:
         combined["worst_attack"] = attacks[0]
     return combined
+
+
+def ranking_metric(description: Any) -> str | None:
+    """The metric column that ranks a sample's attacks (`worst_attack`): the run's first column with a direction
+    of a metric that needs the attack (e.g. `distance`), or None."""
+    return next((column for metric in description.metrics if metric.needs_attack
+                 for column, direction in metric.columns.items() if direction is not None), None)
+
+
+def control_flag(metric: Any, column: str, control: str, part: Any, resamples: int, seed: int) -> str | None:
+    """The warning for a row whose `column` is not clearly below its model-free `control` column, or None.
+
+    The per-sample gaps `control - column` (an undefined sample, NaN in `column`, counts as 0: no evidence) are
+    averaged with a paired 95% bootstrap interval; the row passes only when the interval's lower end is above 0.
+    """
+    values = part[column].to_numpy(dtype="float64")
+    controls = part[control].to_numpy(dtype="float64")
+    if values.size == 0:
+        return None
+    undefined = np.isnan(values)
+    gaps = np.where(undefined, 0.0, controls - values)
+    low, high = bootstrap_interval(gaps, resamples, seed=seed)
+    if low > 0:
+        return None
+    return metric.control_message.format(
+        value=float(np.nanmean(values)) if not undefined.all() else math.nan, control=float(np.mean(controls)),
+        gap=float(gaps.mean()), low=low, high=high, undefined=int(undefined.sum()), samples=int(values.size),
+    )
 
 
 def summarise_records(records: Any, description: Any, resamples: int = 1000, seed: int = 0) -> list[ResultRow]:
@@ -225,11 +263,22 @@ def summarise_records(records: Any, description: Any, resamples: int = 1000, see
                 own = records[(records["method"] == spec.method) & (records["attack"] == attack)]
                 per_attack[attack] = {column: float(own[column].astype("float64").mean()) for column in attack_columns}
         worst = part["worst_attack"].value_counts() if len(attacks) > 1 else {}
+        if values.get("convex_share") is not None:
+            values["condition_fails_share"] = 1.0 - values["convex_share"]
         flags = {
             column: metric.flag_message.format(value=values[column])
             for metric in description.metrics if metric.flag_above is not None and metric.flag_message
             for column in metric.columns
             if values.get(column) is not None and not math.isnan(values[column]) and values[column] > metric.flag_above
+        }
+        for metric in description.metrics:
+            if metric.control and metric.control_message and metric.control[0] not in flags and len(part):
+                warning = control_flag(metric, *metric.control, part, resamples, seed)
+                if warning is not None:
+                    flags[metric.control[0]] = warning
+        counts = {
+            column: int(np.nansum(part[column].to_numpy(dtype="float64")))
+            for metric in description.metrics for column in metric.counted if len(part)
         }
         surrogates = [spec.surrogates[attack] for attack in attacks]
         rows.append(
@@ -242,7 +291,8 @@ def summarise_records(records: Any, description: Any, resamples: int = 1000, see
                 samples=len(part), values=values, intervals=intervals, directions=directions,
                 shown_intervals=shown, per_attack=per_attack,
                 worst_attack={attack: int(worst.get(attack, 0)) for attack in attacks} if len(attacks) > 1 else {},
-                flags=flags,
+                flags=flags, worst_attack_metric=(ranking_metric(description) or "") if len(attacks) > 1 else "",
+                counts=counts,
             )
         )
     return rows
@@ -342,8 +392,10 @@ def _title(column: str, direction: bool | None) -> str:
 def format_results_table(rows: Sequence[ResultRow]) -> str:
     """Markdown table, one line per row: every metric (`mean [low, high]` where its interval is shown), the
     record fields with a table title (attack success: share of samples an attack moved; seconds per image of the
-    clean map; the convex-regime share when computed), gradient evaluations per image (clean map / attack /
-    attacked map), the worst attack with its count when several attacks ran, and the attack's surrogate.
+    clean map; the convex-regime share and the share within Corollary 1's bound when computed), gradient
+    evaluations per image (clean map / attack / attacked map), the worst attack with its count when several
+    attacks ran (titled with the metric that ranks the attacks), and the attack's surrogate. A counted column (the
+    sanity check's undefined samples) shows its number of samples.
     """
     if not rows:
         return ""
@@ -355,19 +407,29 @@ def format_results_table(rows: Sequence[ResultRow]) -> str:
     titled = [(summary, item.metadata["title"]) for summary, item in summary_fields().items() if item.metadata["title"]]
     titled = [(summary, title) for summary, title in titled if any(row.values.get(summary) is not None for row in rows)]
     several = any(row.worst_attack for row in rows)
+    ranked_by = next((row.worst_attack_metric for row in rows if row.worst_attack_metric), "")
+    counted = set().union(*(row.counts for row in rows))
     header = (
         ["method"]
-        + [_title(column, first.directions[column]) + (" [95% CI]" if column in first.shown_intervals else "")
+        + [_title(column, first.directions[column])
+           + (" n" if column in counted else " [95% CI]" if column in first.shown_intervals else "")
            for column in columns]
         + [title for _, title in titled] + ["grad evals / image (clean / attack / attacked)"]
-        + (["worst attack (samples)"] if several else []) + ["surrogate"]
+        + ([f"worst attack by {_TITLES.get(ranked_by, ranked_by)} (samples)" if ranked_by
+            else "worst attack (samples)"] if several else [])
+        + ["surrogate"]
     )
     lines = ["| " + " | ".join(header) + " |", "| :--- |" + " ---: |" * (len(header) - 2) + " :--- |"]
     for row in rows:
         cells = [row.method]
         for column in columns:
             value = row.values.get(column)
-            cell = _with_interval(value, row.intervals[column]) if column in row.shown_intervals else format_number(value)
+            if column in counted:
+                cell = format_number(row.counts.get(column))
+            elif column in row.shown_intervals:
+                cell = _with_interval(value, row.intervals[column])
+            else:
+                cell = format_number(value)
             cells.append(cell + (" ⚠" if column in row.flags else ""))
         cells += [format_number(row.values.get(summary)) for summary, _ in titled]
         cells.append(
