@@ -364,6 +364,13 @@ class EvaluateCLI(LightningCLI):
         if config.get("ckpt_path"):
             config.model.classifier = config.ckpt_path
         config.model.overwrite = bool(config.get("overwrite"))
+        if config.model.get("run_dir") is not None:
+            # evaluate.py chooses (and locks) the folder itself; a given one would be silently replaced.
+            raise ValueError(
+                f"--model.run_dir {config.model.run_dir!r}: evaluate.py chooses the run folder itself, a new "
+                "<logger save_dir>/<name>/version_<n>/. Name it with --trainer.logger.init_args.save_dir and "
+                "--trainer.logger.init_args.name, or continue a folder with --resume DIR."
+            )
         run_dir = _run_folder(config)
         config.model.run_dir = str(run_dir)
         logger = config.trainer.get("logger")
