@@ -521,7 +521,7 @@ def test_warm_started_fast_preset_costs_less_and_agrees(checkpoint, tmp_path):
                                     explainers=explainers))
         runs[warm] = results_of(only_run(out))["moreaugrad"]
     assert runs["true"]["evals_attack"] < runs["false"]["evals_attack"]
-    assert runs["true"]["evals_attacked"] < runs["false"]["evals_attacked"]
+    # Only the search is warm-started: the attacked maps are cold in both runs (tests/test_evaluation_cost.py).
     assert runs["true"]["topk"] == pytest.approx(runs["false"]["topk"], abs=0.05)
 
 
