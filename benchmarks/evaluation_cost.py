@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluation_args(args: argparse.Namespace, out: Path) -> list[str]:
     extra = ["--config", args.config, "--ckpt_path", args.ckpt_path, "--trainer.logger.init_args.save_dir", str(out),
-             "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu"]
+             "--trainer.accelerator", "cpu"]
     if args.samples is not None:
         extra += ["--model.max_samples", str(args.samples)]
     if args.epsilon is not None:

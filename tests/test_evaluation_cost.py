@@ -123,3 +123,14 @@ def test_search_settings_reach_solvers_only_and_refuse_unknown_names():
         TopKInterpretationAttack(MoreauGrad(model), 0.5, search_settings={"num_stpes": 3})
     with pytest.raises(ValueError, match="`search_settings` must be a mapping"):
         TopKInterpretationAttack(MoreauGrad(model), 0.5, search_settings=3)
+
+
+def test_the_evaluations_search_settings_reach_the_attacks_that_take_them_under_their_own():
+    from mglightning.modules.evaluator import _with_search_settings
+
+    own = functools.partial(TopKInterpretationAttack, num_steps=3, search_settings={"noise_samples": 2})
+    merged = _with_search_settings(own, {"num_steps": 4, "noise_samples": 1})
+    assert merged.keywords == {"num_steps": 3, "search_settings": {"num_steps": 4, "noise_samples": 2}}
+    attack = merged(MoreauGrad(tiny_model(), num_steps=12, noise_samples=3), 0.5)
+    assert (attack.differentiated_explainer.num_steps, attack.differentiated_explainer.noise_samples) == (4, 2)
+    assert _with_search_settings(GaussianNoise, {"num_steps": 4}) is GaussianNoise  # takes none
