@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--interval-bound", type=float, default=0.02)
     parser.add_argument("--resamples", type=int, default=10000, help="bootstrap resamples of the paired interval")
+    parser.add_argument("--full-run", default=None,
+                        help="an existing run folder of the full-cost evaluation (same config, samples and seeds) to "
+                             "compare with instead of running it again")
     parser.add_argument("--workdir", default=None, help="where the two run folders go (default: a temporary one)")
     parser.add_argument("--output", default=None, help="the JSON file (default benchmarks/results/...)")
     return parser.parse_args(argv)
@@ -88,15 +91,26 @@ def evaluation_args(args: argparse.Namespace, out: Path) -> list[str]:
     return extra + list(args.extra)
 
 
+def load(run_dir: Path, seconds: float | None) -> dict:
+    return {"run_dir": run_dir, "seconds": seconds, "records": read_records(run_dir),
+            "description": RunDescription.load(run_dir)}
+
+
+def full_run(run_dir: Path) -> dict:
+    """A run folder given with --full-run, checked to be the full-cost evaluation."""
+    part = load(run_dir, None)
+    searched = [spec.label for spec in part["description"].attacks if spec.settings.get("search_settings")]
+    if part["description"].warm_start or searched:
+        raise SystemExit(f"--full-run {run_dir} is not a full-cost run (warm_start or search_settings {searched}).")
+    return part
+
+
 def run(args: argparse.Namespace, name: str, workdir: Path) -> dict:
     out = workdir / name
     started = time.perf_counter()
     cli = evaluate.cli_main(evaluation_args(args, out) + RUNS[name])
     seconds = time.perf_counter() - started
-    run_dir = Path(cli.model.run_dir)
-    description = RunDescription.load(run_dir)
-    records = read_records(run_dir)
-    return {"run_dir": run_dir, "seconds": seconds, "records": records, "description": description}
+    return load(Path(cli.model.run_dir), seconds)
 
 
 def costs(part) -> dict:
@@ -149,7 +163,8 @@ def compare(full: dict, cheap: dict, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="evaluation_cost_"))
-    runs = {name: run(args, name, workdir) for name in RUNS}
+    runs = {name: full_run(Path(args.full_run)) if name == "full" and args.full_run else run(args, name, workdir)
+            for name in RUNS}
     full_costs, cheap_costs = costs(runs["full"]), costs(runs["cheap"])
     family = [spec.label for spec in runs["full"]["description"].explainers if spec.family == "moreaugrad"]
     rows = [row for row in runs["full"]["description"].rows if row.label in family]
@@ -166,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "load_average_at_end": list(os.getloadavg()),
-        "seconds": {name: round(part["seconds"], 1) for name, part in runs.items()},
+        "seconds": {name: None if part["seconds"] is None else round(part["seconds"], 1)
+                    for name, part in runs.items()},
         "evals": {"full": full_costs, "cheap": cheap_costs},
         "moreaugrad_family": {
             "methods": [row.method for row in rows],

@@ -134,3 +134,8 @@ def test_the_evaluations_search_settings_reach_the_attacks_that_take_them_under_
     attack = merged(MoreauGrad(tiny_model(), num_steps=12, noise_samples=3), 0.5)
     assert (attack.differentiated_explainer.num_steps, attack.differentiated_explainer.noise_samples) == (4, 2)
     assert _with_search_settings(GaussianNoise, {"num_steps": 4}) is GaussianNoise  # takes none
+    # A config's factory: jsonargparse's instantiator with the class and every init_arg.
+    configured = functools.partial(lambda cls, **kwargs: cls(**kwargs), TopKInterpretationAttack, num_steps=3,
+                                   search_settings=None)
+    merged = _with_search_settings(configured, {"num_steps": 4})
+    assert merged.keywords == {"num_steps": 3, "search_settings": {"num_steps": 4}}

@@ -593,6 +593,9 @@ def _frame(records):
 
 
 def _takes_search_settings(factory: Any) -> bool:
+    # A config's factory is a partial of jsonargparse's instantiator holding every init_arg of the class.
+    if "search_settings" in (getattr(factory, "keywords", None) or {}):
+        return True
     try:
         return "search_settings" in inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a callable without a signature takes nothing by name
