@@ -155,7 +155,8 @@ def compare(full: dict, cheap: dict, args: argparse.Namespace) -> dict:
             "worst_topk_cheap": float(cheap_topk[method].mean()),
             "difference": mean,
             "difference_ci95": [float(low), float(high)],
-            "accepted": bool(abs(mean) <= args.tolerance and -args.interval_bound <= low and high <= args.interval_bound),
+            "accepted": bool(abs(mean) <= args.tolerance
+                             and -args.interval_bound <= low and high <= args.interval_bound),
         }
     return methods
 
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     text = json.dumps(report, indent=2)
     print(text)
-    output = Path(args.output) if args.output else ROOT / "benchmarks" / "results" / f"evaluation_cost_{Path(args.config).stem}.json"
+    default = ROOT / "benchmarks" / "results" / f"evaluation_cost_{Path(args.config).stem}.json"
+    output = Path(args.output) if args.output else default
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text + "\n")
     print(f"written to {output}", file=sys.stderr)

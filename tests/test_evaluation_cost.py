@@ -38,7 +38,8 @@ class HalfAttack(Attack):
     def run(self, inputs, target, *, seeds=None, initial=None) -> AttackResult:
         shifted = inputs.clone()
         shifted[0::2] = (inputs[0::2] + self.epsilon / inputs[0].numel() ** 0.5).clamp(0, 1)
-        return AttackResult(shifted, torch.ones(len(inputs), dtype=torch.bool), torch.zeros(len(inputs), dtype=torch.long))
+        everything = torch.ones(len(inputs), dtype=torch.bool)
+        return AttackResult(shifted, everything, torch.zeros(len(inputs), dtype=torch.long))
 
 
 SEARCH = {"num_steps": 3, "noise_samples": 1, "average_last": 0}

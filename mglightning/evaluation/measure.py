@@ -216,13 +216,13 @@ def measure_batch(
     """Explain, attack and measure one batch with every explainer, budget, attack and metric.
 
     For each explainer: its clean map; for each budget and attack: the attack, the map of the attacked input, and
-    every metric; one `Record` per (sample, method, budget, attack).
+    every metric; one `Record` per (sample, method, budget, attack). Noise seeds come from `seed` and the dataset
+    `indices`, so a sample's records do not depend on its batch or device.
 
     The attacks may search with cheaper maps (warm-started, fewer solver steps: `warm_start` and the top-k
     attack's `search_settings`), but what is reported is exact: the clean map and the map of every attacked input
     are made by the explainer as configured, cold, with the sample's seeds. A sample that the attack did not move
-    keeps its clean input, so its attacked map is the clean map itself (not computed again: 0 evaluations). Noise seeds come from `seed` and the dataset
-    `indices`, so a sample's records do not depend on its batch or device.
+    keeps its clean input, so its attacked map is the clean map itself (not computed again: 0 evaluations).
 
     Args:
         model: the classifier (eval mode, [0, 1] inputs) the explainers explain.
