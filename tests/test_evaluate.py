@@ -501,7 +501,7 @@ def test_evaluation_configs_are_valid(config, preset, capsys):
         evaluate.cli_main(["--config", str(CONFIGS / config), *overlay, "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "mglightning.explainers.GroupSparseMoreauGrad" in printed
+    assert "mglightning.explainers.SparseMoreauGrad" in printed
     if preset == "fast":  # the overlay adds its settings and keeps the config's own
         import yaml
 
