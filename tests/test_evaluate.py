@@ -494,7 +494,8 @@ def test_worst_case_over_attacks_takes_each_metric_at_its_worst_per_sample():
     assert row.attack == "worst of own, transfer" and row.surrogate == "own: self, transfer: self"
 
 
-@pytest.mark.parametrize("config", ["eval_digits.yaml", "eval_cifar10.yaml", "eval_tinyimagenet.yaml", "eval_imagenet.yaml", "eval_patches.yaml"])
+@pytest.mark.parametrize("config", ["eval_digits.yaml", "eval_digits_full.yaml", "eval_cifar10.yaml", "eval_tinyimagenet.yaml",
+                                    "eval_imagenet.yaml", "eval_patches.yaml"])
 @pytest.mark.parametrize("preset", [None, "fast"])
 def test_evaluation_configs_are_valid(config, preset, capsys):
     overlay = ["--config", str(CONFIGS / "presets" / f"{preset}.yaml")] if preset else []
@@ -502,13 +503,14 @@ def test_evaluation_configs_are_valid(config, preset, capsys):
         evaluate.cli_main(["--config", str(CONFIGS / config), *overlay, "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "mglightning.explainers.GroupSparseMoreauGrad" in printed
+    assert "mglightning.explainers.SparseMoreauGrad" in printed
     if preset == "fast":  # the overlay adds its settings and keeps the config's own
         import yaml
 
         model = yaml.safe_load(printed)["model"]
         assert model["warm_start"] is True and model["explainer_settings"]["tol"] == 0.03
-        assert len(model["explainers"]) >= 9  # the dataset config's explainers, all of them
+        own = yaml.safe_load((CONFIGS / config).read_text())["model"]["explainers"]
+        assert set(model["explainers"]) == set(own)  # the dataset config's explainers, all of them
 
 
 def test_warm_started_fast_preset_costs_less_and_agrees(checkpoint, tmp_path):
@@ -523,7 +525,7 @@ def test_warm_started_fast_preset_costs_less_and_agrees(checkpoint, tmp_path):
                                     explainers=explainers))
         runs[warm] = results_of(only_run(out))["moreaugrad"]
     assert runs["true"]["evals_attack"] < runs["false"]["evals_attack"]
-    assert runs["true"]["evals_attacked"] < runs["false"]["evals_attacked"]
+    # Only the search is warm-started: the attacked maps are cold in both runs (tests/test_evaluation_cost.py).
     assert runs["true"]["topk"] == pytest.approx(runs["false"]["topk"], abs=0.05)
 
 

@@ -118,9 +118,13 @@ def test_the_batch_function_gives_the_records_of_evaluate_py(checkpoint, tmp_pat
         "smoothgrad": SmoothGrad(model, **settings["smoothgrad"]),
         "moreaugrad": MoreauGrad(model, **settings["moreaugrad"]),
     }
+    # eval_digits.yaml's cheap search: warm-started attack solves with its search settings.
+    search = RunDescription.load(cli.model.run_dir).attacks[0].settings["search_settings"]
+    assert search == {"num_steps": 10}
     measured = measure_batch(
         model, images, labels, torch.arange(7), explainers=explainers, epsilons=[0.5], metrics=metrics,
-        attacks={"topk": functools.partial(TopKInterpretationAttack, num_steps=2)},
+        attacks={"topk": functools.partial(TopKInterpretationAttack, num_steps=2, search_settings=search)},
+        warm_start=True,
     )
     direct = pd.DataFrame([record.row() for record in measured.records])
     optional = ["weak_convexity", "convex", "bound", "bound_holds"]  # not computed: None here, null (NaN) in Parquet

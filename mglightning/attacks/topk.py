@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -16,23 +17,39 @@ from mglightning.metrics import topk_count, topk_mask
 SURROGATE_CHOICES = ("self", "exact", "simple_gradient")
 
 
-def _resolve_surrogate(explainer, surrogate: str):
-    """The explainer whose ``create_graph=True`` map the attack differentiates, and its name for the results."""
+def _resolve_surrogate(explainer, surrogate: str, search_settings: Mapping[str, Any]):
+    """The explainer whose ``create_graph=True`` map the attack differentiates, and its name for the results.
+
+    ``search_settings`` reach a differentiated map with a solver (``supports_initial``), on a copy built with them
+    over its own settings, so that the explainer that makes the reported maps keeps its own settings.
+    """
     if surrogate == "self" and explainer.supports_create_graph:
-        return explainer, "self"
+        return _with_settings(explainer, search_settings), "self"
     if surrogate == "exact":
         if not isinstance(explainer, MoreauGrad):
             raise ValueError(
                 f"`surrogate='exact'` differentiates a MoreauGrad-family map exactly; {type(explainer).__name__} is "
                 "not of that family: use 'self' (its own map or declared surrogate) or 'simple_gradient'."
             )
-        # A copy, so the explainer that makes the clean and attacked maps keeps its own settings.
-        exact = copy.copy(explainer)
-        exact.graph = "exact"
-        return exact, "exact"
+        return _with_settings(explainer, {**search_settings, "graph": "exact"}), "exact"
     # Either asked for, or the method cannot build a differentiable map and declares what stands in for it.
     name = "simple_gradient" if surrogate == "simple_gradient" else explainer.surrogate
-    return build_explainer(name, explainer.model, score=explainer.score), name
+    return _with_settings(build_explainer(name, explainer.model, score=explainer.score), search_settings), name
+
+
+def _with_settings(explainer, settings: Mapping[str, Any]):
+    """``explainer`` itself without settings (or without a solver to take them), else a new one of its class with
+    ``settings`` over its own; a setting its class does not take is an error."""
+    if not settings or not explainer.supports_initial:
+        return explainer
+    own = {name: getattr(explainer, name) for name in explainer.settings()}
+    unknown = sorted(set(settings) - set(own))
+    if unknown:
+        raise ValueError(
+            f"`search_settings` {unknown} are not settings of {type(explainer).__name__} (it takes "
+            f"{', '.join(sorted(own))})."
+        )
+    return type(explainer)(explainer.model, **{**own, **settings})
 
 
 def _distinct(explainer, surrogate: str) -> bool:
@@ -95,6 +112,14 @@ class TopKInterpretationAttack(Attack):
     other differentiated maps (one more pass per row of the map's graph, i.e. per sample for the simple gradient
     and the MoreauGrad surrogate) and the label checks (forward-only, one row per sample and iterate).
 
+    **Cheap search** (``search_settings``): the maps the attack searches with may be cheaper than the maps an
+    evaluation reports, e.g. ``{num_steps: 10, average_last: 0}`` with ``warm_start=True`` for the MoreauGrad family:
+    each step's solve then takes 10 steps from the previous step's solution instead of all the explainer's steps
+    from zero. The settings reach a differentiated map with a solver (``supports_initial``, the MoreauGrad family)
+    on a copy of it; other maps (the simple gradient of the transfer attack) have no solver and ignore them. Only
+    the search is approximate: the evaluation makes the clean and the attacked maps with the explainer itself,
+    exactly as configured and cold (:func:`mglightning.evaluation.measure_batch`).
+
     **Warm starts** (``warm_start=True``; only the MoreauGrad family has a solver to warm-start, the option does
     nothing for other methods): each step's Moreau solve starts from the previous step's solution
     (``initial=``), the first from ``run(..., initial=d)`` if given (the clean map's solution,
@@ -120,6 +145,8 @@ class TopKInterpretationAttack(Attack):
             own, the simple gradient aside); for the others the attack does not apply (`applies` is False, an
             evaluation records nothing for it) instead of refusing them (`exact`) or repeating their own attack.
             Default False.
+        search_settings: settings of the differentiated map's solver for the search, over the explainer's own
+            (``{num_steps: 10, average_last: 0}``; see *Cheap search*). Default None: the explainer's settings.
 
     Example:
         >>> from mglightning.explainers import SimpleGradient
@@ -154,6 +181,7 @@ class TopKInterpretationAttack(Attack):
         surrogate: str = "self",
         warm_start: bool = False,
         distinct_only: bool = False,
+        search_settings: Mapping[str, Any] | None = None,
     ) -> None:
         required = ("model", "score", "attribute", "supports_create_graph", "surrogate")
         missing = [name for name in required if not hasattr(explainer, name)]
@@ -192,9 +220,17 @@ class TopKInterpretationAttack(Attack):
         if not isinstance(distinct_only, bool):
             raise ValueError(f"`distinct_only` must be True or False, got {distinct_only!r}.")
         self.distinct_only = distinct_only
+        if search_settings is not None and not isinstance(search_settings, Mapping):
+            raise ValueError(
+                f"`search_settings` must be a mapping of solver settings (e.g. {{num_steps: 10, average_last: 0}}) "
+                f"or None, got {search_settings!r}."
+            )
+        self.search_settings = dict(search_settings or {})
         self._applies = not distinct_only or _distinct(explainer, surrogate)
         if self._applies:
-            self.differentiated_explainer, self.surrogate_name = _resolve_surrogate(explainer, surrogate)
+            self.differentiated_explainer, self.surrogate_name = _resolve_surrogate(
+                explainer, surrogate, self.search_settings
+            )
         else:
             self.differentiated_explainer, self.surrogate_name = None, surrogate
         self.warm_start = warm_start

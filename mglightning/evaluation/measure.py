@@ -178,6 +178,27 @@ def _costs(values: Tensor) -> list[float]:
     return [float(value) for value in values.tolist()]
 
 
+def _attacked_map(
+    explainer: Explainer, images: Tensor, inputs: Tensor, target: Tensor, seeds: Tensor, clean: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The maps of an attack's returned `inputs` and their cost per sample: the explainer's cold map of the
+    samples that differ from their clean `images` (with their own seeds; a map does not depend on its batch) and
+    the clean map, bit for bit, of the samples returned clean (compared here, whatever the attack reports)."""
+    moved = (inputs != images).flatten(1).any(dim=1)
+    costs = torch.zeros(len(inputs), dtype=torch.long)
+    if not bool(moved.any()):
+        return clean.detach().clone(), costs
+    if bool(moved.all()):
+        explanation = explainer.explain(inputs, target, seeds=seeds)
+        return explanation.attribution, explanation.gradient_evaluations.cpu().long()
+    rows = moved.nonzero().flatten()
+    explanation = explainer.explain(inputs[rows], target[rows], seeds=seeds[rows.cpu()])
+    attacked = clean.detach().clone()
+    attacked[rows] = explanation.attribution.to(attacked.dtype)
+    costs[rows.cpu()] = explanation.gradient_evaluations.cpu().long()
+    return attacked, costs
+
+
 def measure_batch(
     model: nn.Module,
     images: Tensor,
@@ -206,6 +227,11 @@ def measure_batch(
     every metric; one `Record` per (sample, method, budget, attack). Noise seeds come from `seed` and the dataset
     `indices`, so a sample's records do not depend on its batch or device.
 
+    The attacks may search with cheaper maps (warm-started, fewer solver steps: `warm_start` and the top-k
+    attack's `search_settings`), but what is reported is exact: the clean map and the map of every attacked input
+    are made by the explainer as configured, cold, with the sample's seeds. A sample that the attack did not move
+    keeps its clean input, so its attacked map is the clean map itself (not computed again: 0 evaluations).
+
     Args:
         model: the classifier (eval mode, [0, 1] inputs) the explainers explain.
         images: `(B, C, H, W)` images in [0, 1].
@@ -218,8 +244,8 @@ def measure_batch(
         seed: the global seed of every noise draw.
         target: explain the model's `prediction` or the dataset `label`.
         warm_start: start the attack's solves from the clean map's solution, each attack step's from the
-            previous one (attacks with a `warm_start` setting) and the attacked map's from the attack's
-            (explainers with a solver only).
+            previous one (attacks with a `warm_start` setting). Only the search is warm-started: the clean and
+            the attacked maps are always the explainer's, as configured, cold, with the sample's seeds.
         convexity_iterations: power iterations of the local weak-convexity estimate of MoreauGrad-family rows
             (0: not computed).
         grid_samples: keep the maps of samples with dataset index below this for the saliency grid.
@@ -312,10 +338,7 @@ def measure_batch(
                 result = attack.run(images, explained, seeds=seeds, initial=initial)
                 seconds_attack = (_clock(images) - started) / batch_size
                 started = _clock(images)
-                attacked_explanation = explainer.explain(
-                    result.inputs, explained, seeds=seeds, initial=result.solution if warm_start else None
-                )
-                attacked = attacked_explanation.attribution
+                attacked, evals_attacked = _attacked_map(explainer, images, result.inputs, explained, seeds, clean)
                 seconds_attacked = (_clock(images) - started) / batch_size
                 pair = MapBatch(model, images, explained, clean.detach(), result.inputs, attacked.detach(),
                                 explainer=explainer, seeds=seeds)
@@ -333,7 +356,7 @@ def measure_batch(
                 evals = {
                     "evals_clean": _costs(explanation.gradient_evaluations),
                     "evals_attack": _costs(result.gradient_evaluations),
-                    "evals_attacked": _costs(attacked_explanation.gradient_evaluations),
+                    "evals_attacked": _costs(evals_attacked),
                 }
                 for position in range(batch_size):
                     records.append(

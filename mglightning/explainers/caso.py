@@ -311,10 +311,15 @@ class CASO(_SecondOrderBase):
                 accepted = curvature <= squared / t
                 if trial == _MAX_BACKTRACKS:
                     accepted = torch.ones_like(accepted)
-                done = pending[accepted]
-                delta[done] = candidate[accepted]
-                h_delta[done] = h_point[done] + h_change[accepted]
-                pending = pending[~accepted]
+                # The trial's one wait for the device: how many samples accepted. A stable sort puts them first,
+                # each part in its order, so the rest are selected by slicing instead of masks (a wait each).
+                order = torch.argsort((~accepted).to(torch.int8), stable=True)
+                count = int(accepted.sum())
+                taken, rest = order[:count], order[count:]
+                done = pending[taken]
+                delta[done] = candidate[taken]
+                h_delta[done] = h_point[done] + h_change[taken]
+                pending = pending[rest]
                 if pending.numel() == 0:
                     break
                 steps[pending] = steps[pending] / 2

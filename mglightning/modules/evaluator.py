@@ -7,6 +7,8 @@ the device-aggregated metrics for TensorBoard and, at the end, the report (`mgli
 
 from __future__ import annotations
 
+import functools
+import inspect
 import platform
 import sys
 import threading
@@ -99,12 +101,18 @@ class ExplanationEvaluator(pl.LightningModule):
         seed: global seed of every noise draw and of the bootstrap.
         grid_samples: samples shown in the saliency grid (the first dataset indices).
         bootstrap_samples: resamples of the bootstrap intervals.
-        warm_start: start every MoreauGrad solve of the attack from the previous step's solution (it switches on
-            the attacks' own `warm_start`), and the attacked map from the last attack iterate's (the fast preset,
-            with `tol` in the explainers); default cold starts.
+        warm_start: start every MoreauGrad solve of the attack from the previous step's solution, the first from
+            the clean map's (it switches on the attacks' own `warm_start`); with the top-k attack's
+            `search_settings` (e.g. `{num_steps: 10, average_last: 0}`) each step's solve is then short. Only the
+            search is warm-started: the clean and attacked maps are always the explainer's, cold. Default False.
         explainer_settings: settings given to every explainer whose class takes them, over its own (the fast
             preset's `{tol: 0.03, tol_window: 10, average_last: 0}` reaches the MoreauGrad family only); a setting
             that no explainer takes is an error.
+        search_settings: solver settings of the maps the attacks search with, over each explainer's own (e.g.
+            `{num_steps: 10, average_last: 0}` with `warm_start`: each attack step's MoreauGrad solve takes 10 steps
+            from the previous step's solution): given to every attack that takes `search_settings` (the top-k
+            attack; an attack's own `search_settings` in its `init_args` win), and used by the maps with a solver
+            only. The reported maps keep the explainers' settings. Default null: the search uses them too.
         convexity_iterations: with `n > 0`, estimate per sample the weak convexity `lambda` of the explained score
             by `n` power iterations on Hessian-vector products, and record for each MoreauGrad-family row whether
             `rho < 1 / lambda` (results column `convex share`) and Corollary 1's bound. 0 (default) skips it.
@@ -138,6 +146,7 @@ class ExplanationEvaluator(pl.LightningModule):
         bootstrap_samples: int = 1000,
         warm_start: bool = False,
         explainer_settings: dict[str, Any] | None = None,
+        search_settings: dict[str, Any] | None = None,
         convexity_iterations: int = 0,
         keep_maps: Literal["float16", "float32"] | None = None,
         keep_inputs: bool = False,
@@ -217,6 +226,17 @@ class ExplanationEvaluator(pl.LightningModule):
                 f"({', '.join(self.explainers)}); check the spelling (python evaluate.py --help lists the settings)."
             )
         self.attack_factories: dict[str, AttackFactory] = dict(attacks) if attacks is not None else default_attacks()
+        if search_settings:
+            self.attack_factories = {
+                label: _with_search_settings(factory, dict(search_settings))
+                for label, factory in self.attack_factories.items()
+            }
+            if not any(_takes_search_settings(factory) for factory in self.attack_factories.values()):
+                raise ValueError(
+                    f"search_settings {dict(search_settings)} are taken by none of the attacks "
+                    f"({', '.join(self.attack_factories)}); they reach attacks with a `search_settings` setting "
+                    "(mglightning.attacks.TopKInterpretationAttack)."
+                )
         self.metrics = dict(metrics) if metrics is not None else default_metrics()
         self.columns = metric_columns(self.metrics)
         self.rows = method_rows(list(self.explainers), epsilons)
@@ -600,6 +620,25 @@ def _frame(records):
     import pandas as pd
 
     return pd.DataFrame([record.row() for record in records])
+
+
+def _takes_search_settings(factory: Any) -> bool:
+    # A config's factory is a partial of jsonargparse's instantiator holding every init_arg of the class.
+    if "search_settings" in (getattr(factory, "keywords", None) or {}):
+        return True
+    try:
+        return "search_settings" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without a signature takes nothing by name
+        return False
+
+
+def _with_search_settings(factory: Any, settings: dict[str, Any]) -> Any:
+    """The factory with the evaluation's `search_settings` under its own (a partial, so the run description
+    records them among the attack's settings); a factory that does not take them is returned as it is."""
+    if not _takes_search_settings(factory):
+        return factory
+    own = dict((getattr(factory, "keywords", None) or {}).get("search_settings") or {})
+    return functools.partial(factory, search_settings={**settings, **own})
 
 
 def _class_path(cls: type) -> str:

@@ -42,6 +42,7 @@ from typing import Any
 RENDERERS: dict[str, str] = {
     "evaluation": "mglightning.reporting.render:evaluation_markdown",
     "cifar10_study": "mglightning.reporting.study:study_markdown",
+    "evaluation_cost": "mglightning.reporting.render:evaluation_cost_markdown",
 }
 
 PROVENANCE_KEYS = ("command", "commit", "machine", "n")
@@ -201,6 +202,30 @@ def evaluation_markdown(path: Path) -> str:
         entry["shown_intervals"] = tuple(entry.get("shown_intervals", ()))
         rows.append(ResultRow(**entry))
     return format_results_table(rows) + "\n\n" + provenance_line(document)
+
+
+def evaluation_cost_markdown(path: Path) -> str:
+    """`benchmarks/evaluation_cost.py`'s comparison (full-cost against cheap search) from a recorded results file:
+    per method the worst-case top-k of both runs, the paired difference with its 95% interval, and the gradient
+    evaluations per image of both runs."""
+    document = read_results_file(path)
+    results = document["results"]
+    lines = ["| method | worst-case top-k, full | cheap | difference [paired 95% CI] | evals / image, full | cheap |"
+             " ratio | accepted |", "| :--- | ---: | ---: | ---: | ---: | ---: | ---: | :--- |"]
+    for method, row in results["worst_case_topk"].items():
+        full, cheap = (results["evals"][run][method]["evals_per_image"] for run in ("full", "cheap"))
+        low, high = row["difference_ci95"]
+        lines.append(
+            f"| {method} | {row['worst_topk_full']:.4f} | {row['worst_topk_cheap']:.4f} | "
+            f"{row['difference']:+.4f} [{low:+.4f}, {high:+.4f}] | {full:,.1f} | {cheap:,.1f} | {cheap / full:.2f} | "
+            f"{'yes' if row['accepted'] else 'no'} |"
+        )
+    family = results["moreaugrad_family"]
+    lines.append(
+        f"| MoreauGrad family | | | | {family['evals_per_image_full']:,.1f} | {family['evals_per_image_cheap']:,.1f} "
+        f"| {family['ratio']:.2f} | {'yes' if results['accepted'] else 'no'} |"
+    )
+    return "\n".join(lines) + "\n\n" + provenance_line(document)
 
 
 # --- command line ----------------------------------------------------------------------------------------------
