@@ -14,7 +14,7 @@ beside the arithmetic of the data alone: values per image (9 clean maps, once pe
 maps, each 3 x 32 x 32 = 3,072 values; with the inputs, + 1 clean and 36 attacked images) times the bytes per
 value (2 or 4), plus, in float16, one float32 scale per map, plus the 8-byte dataset index.
 
-Example (the figures of the README's "Stored maps"; about 4 minutes on one CPU thread):
+Example (docs/guides/stored-maps.md; minutes on one CPU thread):
   OMP_NUM_THREADS=1 python benchmarks/maps_size.py
 
 Prints one JSON object on stdout (progress on stderr).

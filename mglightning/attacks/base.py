@@ -32,7 +32,7 @@ class Attack(abc.ABC):
     """Base class of the attacks on an explainer's maps: `Attack(explainer, epsilon, **settings)`.
 
     The evaluation builds one attack per explainer and budget from a factory taking `(explainer, epsilon)`, so an
-    attack of your own only needs that constructor and `run` (see the README, "Extending the evaluation").
+    attack of your own only needs that constructor and `run` (docs/guides/extending.md).
 
     Class attributes:
         name: a short name for the results (e.g. `topk`).

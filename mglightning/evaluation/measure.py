@@ -68,7 +68,7 @@ def metric_columns(metrics: Mapping[str, SampleMetric]) -> dict[str, tuple[str, 
         if not isinstance(metric, SampleMetric):
             raise ValueError(
                 f"metrics[{label!r}] is a {type(metric).__name__}, not an mglightning.metrics.SampleMetric; metrics "
-                "of an evaluation subclass SampleMetric (README, 'Extending the evaluation')."
+                "of an evaluation subclass SampleMetric (docs/guides/extending.md)."
             )
         outputs = list(metric.outputs)
         names = [label] if len(outputs) == 1 else outputs
