@@ -43,6 +43,7 @@ RENDERERS: dict[str, str] = {
     "evaluation": "mglightning.reporting.render:evaluation_markdown",
     "cifar10_study": "mglightning.reporting.study:study_markdown",
     "evaluation_cost": "mglightning.reporting.render:evaluation_cost_markdown",
+    "frontier": "mglightning.reporting.render:frontier_markdown",
 }
 
 PROVENANCE_KEYS = ("command", "commit", "machine", "n")
@@ -225,6 +226,26 @@ def evaluation_cost_markdown(path: Path) -> str:
         f"| MoreauGrad family | | | | {family['evals_per_image_full']:,.1f} | {family['evals_per_image_cheap']:,.1f} "
         f"| {family['ratio']:.2f} | {'yes' if results['accepted'] else 'no'} |"
     )
+    return "\n".join(lines) + "\n\n" + provenance_line(document)
+
+
+def frontier_markdown(path: Path) -> str:
+    """`figures.py frontier`'s points from a recorded results file (its `frontier.json` under `results`): per method
+    and setting the worst-case top-k, the clean map's deletion AUC and its discrepancy from the simple gradient, each
+    with its 95% bootstrap interval, and the gradient evaluations per image."""
+    document = read_results_file(path)
+    results = document["results"]
+
+    def cell(point: dict, key: str) -> str:
+        low, high = point[f"{key}_ci"]
+        return f"{point[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+    lines = [f"| method | setting | worst-case top-k at ε={results['epsilon']:g} ↑ | deletion AUC ↓ | discrepancy from "
+             "the simple gradient | grad evals / image |", "| :--- | :--- | ---: | ---: | ---: | ---: |"]
+    for point in results["points"]:
+        setting = "–" if point["parameter"] == "none" else f"{point['parameter']} = {point['value']:g}"
+        lines.append(f"| {point['method']} | {setting} | {cell(point, 'topk')} | {cell(point, 'deletion_auc')} | "
+                     f"{cell(point, 'discrepancy')} | {point['evals_per_image']:,.0f} |")
     return "\n".join(lines) + "\n\n" + provenance_line(document)
 
 
