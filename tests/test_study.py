@@ -154,6 +154,12 @@ def test_the_study_pools_the_models_compares_with_both_baselines_and_renders(tmp
     assert "3 models (seed0.safetensors sha256 abababababab, seed1.safetensors sha256 abababababab, " in table
     assert "8 test samples each" in table
     assert "0.857 (of 21)" in capsys.readouterr().out
+    # study.json is a results file the documentation renders from: it names what produced it.
+    from mglightning.reporting.render import PROVENANCE_KEYS
+
+    provenance = json.loads(paths["json"].read_text())["provenance"]
+    assert set(PROVENANCE_KEYS) <= set(provenance)
+    assert provenance["n"] == "3 models x 8 samples" and provenance["command"] == study["command"]
 
 
 def test_the_study_refuses_runs_of_different_settings(tmp_path):

@@ -282,10 +282,16 @@ def study_results(
             ],
         }
 
+    command = command if command is not None else " ".join(shlex.quote(part) for part in sys.argv)
+    git_commit, machine = _git_commit(), _machine()
+    samples = [model.get("samples") for model in models]
     return _json_ready({
+        # What produced the file, in the form the documentation's rendered tables read (mglightning.reporting.render).
+        "provenance": {"command": command, "commit": git_commit or "unknown",
+                       "machine": f"{machine['processor']}, {machine['platform']}",
+                       "n": f"{len(models)} models x {samples[0] if len(set(samples)) == 1 else samples} samples"},
         "title": first_description.title or "",
-        "command": command if command is not None else " ".join(shlex.quote(part) for part in sys.argv),
-        "git_commit": _git_commit(), "machine": _machine(),
+        "command": command, "git_commit": git_commit, "machine": machine,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "resamples": resamples, "seed": seed, "confidence": 0.95,
         "attacks": [attack.label for attack in first_description.attacks],
