@@ -89,8 +89,9 @@ def test_a_second_resume_of_a_live_run_is_refused_and_leaves_the_live_run_whole(
     attacks = json.dumps({"gated": {"class_path": "test_run_folder_failures.GatedAttack",
                                     "init_args": {"gate": str(gate)}}})
     out = tmp_path / "runs"
+    # The gated attack takes no search settings: the quickstart config's cheap search is switched off.
     args = eval_args(checkpoint, out, "--model.max_samples", "2", "--model.attacks", attacks,
-                     explainers=FEW_EXPLAINERS)
+                     "--model.search_settings", "null", explainers=FEW_EXPLAINERS)
     live = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=tmp_path, env=_environment(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -104,7 +105,8 @@ def test_a_second_resume_of_a_live_run_is_refused_and_leaves_the_live_run_whole(
         assert {"run.json", ".lock"} <= set(before) and not list(run_dir.glob("records/*.parquet"))
         with pytest.raises(RunFolderBusyError, match=rf"another process \(host .*, PID {live.pid}"):
             evaluate.cli_main(eval_args(checkpoint, out, "--model.max_samples", "2", "--model.attacks", attacks,
-                                        "--resume", str(run_dir), explainers=FEW_EXPLAINERS))
+                                        "--model.search_settings", "null", "--resume", str(run_dir),
+                                        explainers=FEW_EXPLAINERS))
         assert _hashes(run_dir) == before
     finally:
         gate.touch()
