@@ -28,7 +28,7 @@ def test_the_readme_is_short():
 def test_the_readme_has_the_cifar10_study_table_marked():
     tables = render.marked_tables(ROOT / "README.md")
     assert [(table.renderer, table.file) for table in tables] == [
-        ("cifar10_study", "docs/results/cifar10_study/study.json")
+        ("cifar10_study_headline", "docs/results/cifar10_study/study.json")
     ]
 
 

@@ -42,6 +42,7 @@ from typing import Any
 RENDERERS: dict[str, str] = {
     "evaluation": "mglightning.reporting.render:evaluation_markdown",
     "cifar10_study": "mglightning.reporting.study:study_markdown",
+    "cifar10_study_headline": "mglightning.reporting.study:study_headline_markdown",
     "evaluation_cost": "mglightning.reporting.render:evaluation_cost_markdown",
     "frontier": "mglightning.reporting.render:frontier_markdown",
 }

@@ -436,3 +436,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
 
 if __name__ == "__main__":
     main()
+
+
+def study_headline_markdown(path: str | Path) -> str:
+    """The study's first table alone (per method and budget, pooled over the models), for a page that links to the
+    paired comparisons instead of repeating them (the README)."""
+    table, _, comparisons = study_markdown(path).partition("\n\nPaired differences")
+    count = json.loads(Path(path).read_text(encoding="utf-8"))["comparison_count"]
+    return f"{table}\n\nThe {count} paired comparisons against the simple gradient and SmoothGrad are on the study's page."
