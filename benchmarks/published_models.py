@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +29,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from mglightning.data import CIFAR10DataModule  # noqa: E402
 from mglightning.models import ClassifierSource, read_state_dict  # noqa: E402
 from mglightning.modules.classifier import load_classifier  # noqa: E402
+from mglightning.reporting.render import commit, machine  # noqa: E402
 
 DEFAULT_FOLDER = REPO / "checkpoints" / "cifar10_study"
 # The architecture of configs/cifar10_cpu.yaml; the normalisation travels inside the state dict.
@@ -64,24 +63,10 @@ def test_accuracy(source: ClassifierSource, data_dir: str, batch_size: int = 500
     return correct / total, total
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    """The documentation's machine description (`mglightning.reporting.render.machine`), with torch's version and
+    thread count, which the accuracies were measured with."""
+    return f"{machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def export(args: argparse.Namespace) -> dict:
@@ -96,7 +81,7 @@ def export(args: argparse.Namespace) -> dict:
              "training_command": args.command, "source_checkpoint": Path(args.checkpoint).name}
     accuracy, count = test_accuracy(source_of(entry, folder), args.data_dir)
     entry.update(test_accuracy=accuracy, test_images=count, data="CIFAR-10 (JPEG re-encoding)",
-                 measured_with=f"python benchmarks/published_models.py check --data-dir DIR", commit=_commit(),
+                 measured_with=f"python benchmarks/published_models.py check --data-dir DIR", commit=commit(REPO),
                  machine=_machine())
     manifest_path = folder / "models.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": []}
