@@ -45,6 +45,7 @@ RENDERERS: dict[str, str] = {
     "cifar10_study_headline": "mglightning.reporting.study:study_headline_markdown",
     "evaluation_cost": "mglightning.reporting.render:evaluation_cost_markdown",
     "frontier": "mglightning.reporting.render:frontier_markdown",
+    "demo_time": "mglightning.reporting.render:demo_time_markdown",
 }
 
 PROVENANCE_KEYS = ("command", "commit", "machine", "n")
@@ -247,6 +248,21 @@ def frontier_markdown(path: Path) -> str:
         setting = "–" if point["parameter"] == "none" else f"{point['parameter']} = {point['value']:g}"
         lines.append(f"| {point['method']} | {setting} | {cell(point, 'topk')} | {cell(point, 'deletion_auc')} | "
                      f"{cell(point, 'discrepancy')} | {point['evals_per_image']:,.0f} |")
+    return "\n".join(lines) + "\n\n" + provenance_line(document)
+
+
+def demo_time_markdown(path: Path) -> str:
+    """`benchmarks/demo_time.py`'s timing of `make demo` from a recorded results file: each run's training and
+    evaluation wall time, their medians, and the 1-minute load average before each command."""
+    document = read_results_file(path)
+    results = document["results"]
+    lines = ["| run | training (s) | evaluation (s) | total (s) | load before training / evaluation |",
+             "| :--- | ---: | ---: | ---: | :--- |"]
+    for number, run in enumerate(results["runs"], start=1):
+        lines.append(f"| {number} | {run['train_s']:.0f} | {run['evaluate_s']:.0f} | {run['total_s']:.0f} | "
+                     f"{run['train_load_before']:.2f} / {run['evaluate_load_before']:.2f} |")
+    lines.append(f"| **median** | **{results['median_train_s']:.0f}** | **{results['median_evaluate_s']:.0f}** | "
+                 f"**{results['median_total_s']:.0f}** | |")
     return "\n".join(lines) + "\n\n" + provenance_line(document)
 
 
