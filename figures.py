@@ -28,7 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from mglightning import load_classifier
 from mglightning.data import ImageDataModule
 from mglightning.frontier import frontier_figure, robustness_fidelity_frontier
-from mglightning.models.loading import ClassifierSource
+from mglightning.models import ClassifierSource
 from mglightning.paper_figures import (
     FIGURE4_SETTINGS,
     discrepancy_curves,

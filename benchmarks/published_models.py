@@ -27,8 +27,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from mglightning.data import CIFAR10DataModule  # noqa: E402
-from mglightning.models import ClassifierSource, read_state_dict  # noqa: E402
-from mglightning.modules.classifier import load_classifier  # noqa: E402
+from mglightning.models import ClassifierSource, load_classifier, read_state_dict  # noqa: E402
 from mglightning.reporting.render import commit, machine  # noqa: E402
 
 DEFAULT_FOLDER = REPO / "checkpoints" / "cifar10_study"

@@ -1,7 +1,7 @@
 """mglightning: MoreauGrad interpretation and interpretation-robustness evaluation on PyTorch Lightning."""
 
-from mglightning.models.loading import ClassifierSource
-from mglightning.modules.classifier import ClassifierModule, load_classifier
+from mglightning.models import ClassifierSource, load_classifier
+from mglightning.modules.classifier import ClassifierModule
 
 __version__ = "0.1.0"
 

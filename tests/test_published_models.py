@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from fake_datasets import write_fake_cifar10
-from mglightning.models import create_model
-from mglightning.modules.classifier import load_classifier
+from mglightning.models import create_model, load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = REPO / "checkpoints" / "cifar10_study"

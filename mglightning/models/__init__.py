@@ -2,9 +2,10 @@
 
 from mglightning.models import resnet as _resnet  # noqa: F401  (registers the builders)
 from mglightning.models.layers import Normalize, make_activation
-from mglightning.models.loading import ClassifierSource, ImageClassifier, build_classifier
+from mglightning.models.loading import ImageClassifier, build_classifier, load_classifier
 from mglightning.models.registry import classifier_network, create_model, list_models, load_weights, register_model
 from mglightning.models.resnet import ResNet, resnet18
+from mglightning.models.source import ClassifierSource
 from mglightning.models.timm_models import TimmClassifier
 from mglightning.models.weights import read_state_dict, read_weights_file
 
@@ -18,6 +19,7 @@ __all__ = [
     "classifier_network",
     "create_model",
     "list_models",
+    "load_classifier",
     "load_weights",
     "make_activation",
     "read_state_dict",

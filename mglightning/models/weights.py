@@ -1,10 +1,12 @@
-"""Reading weight files: the one place where mglightning opens a state dict, checkpoint or safetensors file.
+"""Weight files: reading one safely, saying what it holds, and fitting its state dict into a module.
 
 Every loader of the package reads through `read_weights_file` (`create_model(weights=...)`, `load_weights`,
 `build_classifier` and so `load_classifier`, the evaluator and the figure and benchmark scripts), so no file
 can run code when it is read: `torch.save` files are read with `torch.load(weights_only=True)`, which builds
 tensors and plain Python values only, and `.safetensors` files hold tensors only. A file that needs more is
-refused with an error that names what it holds and how to re-save it.
+refused with an error that names what it holds and how to re-save it. `read_weights` keeps what a file holds
+(`WeightsFile`: a `train.py` checkpoint's settings, the network's state dict), so that a loader reads it once;
+`fit_state_dict` loads a state dict strictly, with an error that names the file and each mismatch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pickle
 import re
 import struct
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -130,43 +133,67 @@ def refusal_message(path: Path, detail: str) -> str:
     )
 
 
-def is_train_checkpoint(content: Any) -> bool:
-    """Whether `content` (what `read_weights_file` returned) is a checkpoint written by `train.py`."""
-    return (
-        isinstance(content, dict)
-        and isinstance(content.get("state_dict"), Mapping)
-        and isinstance(content.get("hyper_parameters"), Mapping)
-        and "arch" in content["hyper_parameters"]
-    )
+@dataclass(frozen=True)
+class WeightsFile:
+    """A weights file read once by `read_weights`: what it holds, and the network's state dict in it.
 
-
-def state_dict_of(content: Any, path: str | Path) -> dict[str, Tensor]:
-    """The network's state dict in what `read_weights_file(path)` returned.
-
-    A plain state dict (or safetensors file) is returned as it is; a `train.py` checkpoint gives its network's
-    entries (`net.*`, without the prefix); another Lightning checkpoint gives its `state_dict`.
+    Args:
+        path: the file (as given, for messages).
+        content: what the file holds, as `read_weights_file` returned it.
     """
-    if is_train_checkpoint(content):
-        content = {key[len("net."):]: value for key, value in content["state_dict"].items() if key.startswith("net.")}
-    elif isinstance(content, dict) and isinstance(content.get("state_dict"), Mapping):
-        content = content["state_dict"]
-    if not isinstance(content, Mapping):
-        raise ValueError(
-            f"{str(path)!r} is not a state dict (a mapping of names to tensors): it holds a "
-            f"{type(content).__name__}. Save one with `torch.save(model.state_dict(), path)`."
-        )
-    others = [f"{key!r} ({type(value).__name__})" for key, value in content.items() if not isinstance(value, Tensor)]
-    if others:
-        raise ValueError(
-            f"{str(path)!r} is not a state dict (a mapping of names to tensors): {len(others)} of its entries are "
-            f"not tensors, e.g. {', '.join(others[:3])}. Save one with `torch.save(model.state_dict(), path)`."
-        )
-    return dict(content)
+
+    path: str | Path
+    content: Any
+
+    @property
+    def hyper_parameters(self) -> Mapping[str, Any] | None:
+        """The settings that rebuild the network of a checkpoint written by `train.py`; None for any other file."""
+        content = self.content
+        if (
+            isinstance(content, dict)
+            and isinstance(content.get("state_dict"), Mapping)
+            and isinstance(content.get("hyper_parameters"), Mapping)
+            and "arch" in content["hyper_parameters"]
+        ):
+            return content["hyper_parameters"]
+        return None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The network's state dict, checked to map names to tensors.
+
+        A plain state dict (or safetensors file) is returned as it is; a `train.py` checkpoint gives its network's
+        entries (`net.*`, without the prefix); another Lightning checkpoint gives its `state_dict`.
+        """
+        content = self.content
+        if self.hyper_parameters is not None:
+            network = content["state_dict"].items()
+            content = {key[len("net."):]: value for key, value in network if key.startswith("net.")}
+        elif isinstance(content, dict) and isinstance(content.get("state_dict"), Mapping):
+            content = content["state_dict"]
+        if not isinstance(content, Mapping):
+            raise ValueError(
+                f"{str(self.path)!r} is not a state dict (a mapping of names to tensors): it holds a "
+                f"{type(content).__name__}. Save one with `torch.save(model.state_dict(), path)`."
+            )
+        others = [
+            f"{key!r} ({type(value).__name__})" for key, value in content.items() if not isinstance(value, Tensor)
+        ]
+        if others:
+            raise ValueError(
+                f"{str(self.path)!r} is not a state dict (a mapping of names to tensors): {len(others)} of its entries "
+                f"are not tensors, e.g. {', '.join(others[:3])}. Save one with `torch.save(model.state_dict(), path)`."
+            )
+        return dict(content)
+
+
+def read_weights(path: str | Path) -> WeightsFile:
+    """Read a weights file once (`read_weights_file`, so that it cannot run code) and keep what it holds."""
+    return WeightsFile(path, read_weights_file(path))
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The state dict in a weights file: a plain state dict, a safetensors file or a `train.py` checkpoint."""
-    return state_dict_of(read_weights_file(path), path)
+    return read_weights(path).state_dict()
 
 
 def state_dict_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str | None:

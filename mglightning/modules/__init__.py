@@ -1,5 +1,4 @@
 """LightningModules: training (`ClassifierModule`) and evaluation (`ExplanationEvaluator`)."""
 
-from mglightning.modules.classifier import ClassifierModule, load_classifier
+from mglightning.modules.classifier import ClassifierModule
 from mglightning.modules.evaluator import ExplanationEvaluator
-

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -13,7 +12,6 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from mglightning.models import classifier_network
-from mglightning.models.loading import ClassifierSource, build_classifier
 from mglightning.models.weights import state_dict_mismatch
 from mglightning.modules.adversarial import AdversarialTraining
 
@@ -208,31 +206,3 @@ def _same_setting(a: Any, b: Any) -> bool:
     if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
     return type(a) is type(b) and a == b
-
-
-def load_classifier(
-    source: ClassifierSource | str | Path,
-    map_location: str | torch.device = "cpu",
-    *,
-    num_classes: int | None = None,
-    image_size: int | None = None,
-    in_chans: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> torch.nn.Module:
-    """A classifier that takes [0, 1] images, in eval mode, on `map_location` (CPU by default).
-
-    `source` is the path of a `ClassifierModule` checkpoint (its trained network comes back) or any
-    `ClassifierSource`: a timm model with its pretrained weights, a registered architecture with a state dict
-    file, any `nn.Module`. The data's settings, when given, fill the model's defaults (`mean`/`std` of its
-    normalisation layer, `num_classes`) and are checked before use (`mglightning.models.build_classifier`).
-
-    Example:
-        >>> model = load_classifier("checkpoints/digits/last.ckpt")
-        >>> predictions = model(images).argmax(dim=1)
-        >>> model = load_classifier(ClassifierSource(arch="timm/efficientnet_b0", pretrained=True))
-    """
-    model = build_classifier(
-        source, num_classes=num_classes, image_size=image_size, in_chans=in_chans, mean=mean, std=std
-    )
-    return model.to(map_location)
