@@ -29,7 +29,7 @@ from mglightning.models.layers import Normalize
 from mglightning.models.registry import TIMM_PREFIX, classifier_network, create_model
 from mglightning.models.source import ClassifierSource, as_classifier_source
 from mglightning.models.timm_models import cached_pretrained_weights, pretrained_config
-from mglightning.models.weights import WeightsFile, fit_state_dict, read_weights
+from mglightning.models.weights import CHECKPOINT_SETTINGS, WeightsFile, fit_state_dict, read_weights
 
 # Piecewise-linear activations: a network built from them has a piecewise-constant input gradient, whose input
 # derivative (what the top-k attack follows, docs/reference/semantics.md section 5) is zero almost everywhere.
@@ -197,27 +197,13 @@ def _from_checkpoint(path: Path) -> tuple[nn.Module, Stats | None]:
             "`python train.py fit --config configs/<name>.yaml` "
             "(checkpoints are written under checkpoints/<experiment>/)."
         )
-    weights = read_weights(path)
+    weights = read_weights(path, checkpoint=True)
     settings = weights.hyper_parameters
-    if settings is None:
-        content = weights.content
-        found = sorted(content)[:5] if isinstance(content, dict) else type(content).__name__
-        raise ValueError(
-            f"{str(path)!r} is not a mglightning classifier checkpoint: a train.py checkpoint holds `state_dict` "
-            f"and `hyper_parameters` with the architecture (`arch`), this file holds {found}. Pass a checkpoint "
-            "written by `python train.py fit`, or give a plain state dict as the classifier's `weights` together "
-            "with its `arch` (or `module`)."
-        )
-    names = ("arch", "num_classes", "image_size", "mean", "std")
-    absent = [name for name in names if name not in settings]
-    if absent:
-        raise ValueError(
-            f"The train.py checkpoint {str(path)!r} lacks the hyperparameters {absent} that rebuild its network; "
-            "it was not written by this version of train.py."
-        )
-    net = classifier_network(**{name: settings[name] for name in names}, model_kwargs=settings.get("model_kwargs"))
+    net = classifier_network(
+        **{name: settings[name] for name in CHECKPOINT_SETTINGS}, model_kwargs=settings.get("model_kwargs")
+    )
     fit_state_dict(
-        net, weights.state_dict(), path,
+        net, weights.state_dict, path,
         hint=f"The checkpoint's hyperparameters (arch={settings['arch']!r}, "
         f"model_kwargs={settings.get('model_kwargs')}) do not describe its own weights; it was changed "
         "after train.py wrote it.",
@@ -264,7 +250,7 @@ def _from_timm(
     else:
         # The state dict, read here as every weights file is (it cannot run code), makes timm adapt it (head,
         # input channels) without going to the hub or opening the file itself.
-        overlay = {"state_dict": read_weights(path).state_dict()}
+        overlay = {"state_dict": read_weights(path).state_dict}
     try:
         net = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as error:  # mismatched weights fail in many ways inside timm
@@ -281,7 +267,7 @@ def _load(net: nn.Module, weights: WeightsFile | None) -> Stats | None:
     """
     if weights is None:
         return None
-    state = weights.state_dict()
+    state = weights.state_dict
     stored = None
     name, layer = _first_normalize(net)
     if layer is not None:

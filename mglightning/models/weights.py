@@ -133,67 +133,102 @@ def refusal_message(path: Path, detail: str) -> str:
     )
 
 
+# The hyperparameters of a train.py checkpoint that rebuild its network (`classifier_network`'s arguments).
+CHECKPOINT_SETTINGS = ("arch", "num_classes", "image_size", "mean", "std")
+
+
 @dataclass(frozen=True)
 class WeightsFile:
-    """A weights file read once by `read_weights`: what it holds, and the network's state dict in it.
+    """What a weights file holds, read once by `read_weights`.
 
     Args:
         path: the file (as given, for messages).
-        content: what the file holds, as `read_weights_file` returned it.
+        state_dict: the network's tensors by name: a plain state dict's or a safetensors file's, a `train.py`
+            checkpoint's network entries (`net.*`, without the prefix), another Lightning checkpoint's `state_dict`.
+        hyper_parameters: the settings of a `train.py` checkpoint, which rebuild its network; None for any other
+            file.
     """
 
     path: str | Path
-    content: Any
-
-    @property
-    def hyper_parameters(self) -> Mapping[str, Any] | None:
-        """The settings that rebuild the network of a checkpoint written by `train.py`; None for any other file."""
-        content = self.content
-        if (
-            isinstance(content, dict)
-            and isinstance(content.get("state_dict"), Mapping)
-            and isinstance(content.get("hyper_parameters"), Mapping)
-            and "arch" in content["hyper_parameters"]
-        ):
-            return content["hyper_parameters"]
-        return None
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The network's state dict, checked to map names to tensors.
-
-        A plain state dict (or safetensors file) is returned as it is; a `train.py` checkpoint gives its network's
-        entries (`net.*`, without the prefix); another Lightning checkpoint gives its `state_dict`.
-        """
-        content = self.content
-        if self.hyper_parameters is not None:
-            network = content["state_dict"].items()
-            content = {key[len("net."):]: value for key, value in network if key.startswith("net.")}
-        elif isinstance(content, dict) and isinstance(content.get("state_dict"), Mapping):
-            content = content["state_dict"]
-        if not isinstance(content, Mapping):
-            raise ValueError(
-                f"{str(self.path)!r} is not a state dict (a mapping of names to tensors): it holds a "
-                f"{type(content).__name__}. Save one with `torch.save(model.state_dict(), path)`."
-            )
-        others = [
-            f"{key!r} ({type(value).__name__})" for key, value in content.items() if not isinstance(value, Tensor)
-        ]
-        if others:
-            raise ValueError(
-                f"{str(self.path)!r} is not a state dict (a mapping of names to tensors): {len(others)} of its entries "
-                f"are not tensors, e.g. {', '.join(others[:3])}. Save one with `torch.save(model.state_dict(), path)`."
-            )
-        return dict(content)
+    state_dict: dict[str, Tensor]
+    hyper_parameters: Mapping[str, Any] | None = None
 
 
-def read_weights(path: str | Path) -> WeightsFile:
-    """Read a weights file once (`read_weights_file`, so that it cannot run code) and keep what it holds."""
-    return WeightsFile(path, read_weights_file(path))
+def read_weights(path: str | Path, *, checkpoint: bool = False) -> WeightsFile:
+    """Read a weights file once, so that it cannot run code (`read_weights_file`), and decide what it holds.
+
+    Args:
+        path: a plain state dict (`torch.save(model.state_dict(), path)`), a `.safetensors` file or a checkpoint.
+        checkpoint: the file must be a checkpoint written by `train.py`, with the settings that rebuild its network.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a file that `read_weights_file` refuses, one that holds no state dict (a mapping of names to
+            tensors), or, with `checkpoint`, one that is not a `train.py` checkpoint of this version.
+    """
+    content = read_weights_file(path)
+    hyper_parameters = _train_settings(content)
+    if checkpoint:
+        _check_train_checkpoint(content, hyper_parameters, path)
+    return WeightsFile(path, _network_state_dict(content, hyper_parameters is not None, path), hyper_parameters)
+
+
+def _check_train_checkpoint(content: Any, hyper_parameters: Mapping[str, Any] | None, path: str | Path) -> None:
+    """Refuse what is not a `train.py` checkpoint with the settings that rebuild its network."""
+    if hyper_parameters is None:
+        found = sorted(content)[:5] if isinstance(content, dict) else type(content).__name__
+        raise ValueError(
+            f"{str(path)!r} is not a mglightning classifier checkpoint: a train.py checkpoint holds `state_dict` "
+            f"and `hyper_parameters` with the architecture (`arch`), this file holds {found}. Pass a checkpoint "
+            "written by `python train.py fit`, or give a plain state dict as the classifier's `weights` together "
+            "with its `arch` (or `module`)."
+        )
+    absent = [name for name in CHECKPOINT_SETTINGS if name not in hyper_parameters]
+    if absent:
+        raise ValueError(
+            f"The train.py checkpoint {str(path)!r} lacks the hyperparameters {absent} that rebuild its network; "
+            "it was not written by this version of train.py."
+        )
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The state dict in a weights file: a plain state dict, a safetensors file or a `train.py` checkpoint."""
-    return read_weights(path).state_dict()
+    return read_weights(path).state_dict
+
+
+def _train_settings(content: Any) -> Mapping[str, Any] | None:
+    """The hyperparameters of a checkpoint written by `train.py` (what `read_weights_file` returned); else None."""
+    if (
+        isinstance(content, dict)
+        and isinstance(content.get("state_dict"), Mapping)
+        and isinstance(content.get("hyper_parameters"), Mapping)
+        and "arch" in content["hyper_parameters"]
+    ):
+        return content["hyper_parameters"]
+    return None
+
+
+def _network_state_dict(content: Any, train_checkpoint: bool, path: str | Path) -> dict[str, Tensor]:
+    """The network's state dict in what `read_weights_file(path)` returned, checked to map names to tensors."""
+    if train_checkpoint:
+        network = content["state_dict"].items()
+        content = {key[len("net."):]: value for key, value in network if key.startswith("net.")}
+    elif isinstance(content, dict) and isinstance(content.get("state_dict"), Mapping):
+        content = content["state_dict"]
+    if not isinstance(content, Mapping):
+        raise ValueError(
+            f"{str(path)!r} is not a state dict (a mapping of names to tensors): it holds a "
+            f"{type(content).__name__}. Save one with `torch.save(model.state_dict(), path)`."
+        )
+    others = [
+        f"{key!r} ({type(value).__name__})" for key, value in content.items() if not isinstance(value, Tensor)
+    ]
+    if others:
+        raise ValueError(
+            f"{str(path)!r} is not a state dict (a mapping of names to tensors): {len(others)} of its entries are "
+            f"not tensors, e.g. {', '.join(others[:3])}. Save one with `torch.save(model.state_dict(), path)`."
+        )
+    return dict(content)
 
 
 def state_dict_mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str | None:
