@@ -153,6 +153,25 @@ def test_checkpoints_are_read_weights_only_with_a_clear_error_naming_the_file(ch
         load_classifier(tmp_path / "weights.pt")
 
 
+def test_each_weights_file_is_read_once(checkpoint, tmp_path, monkeypatch):
+    """One pass from a source to a classifier: the checkpoint, or the state dict given as `weights`, is opened once."""
+    net = create_model("resnet18", width=4, num_classes=10, image_size=16)
+    torch.save({k: v for k, v in net.state_dict().items() if not k.startswith("normalize.")}, tmp_path / "bare.pt")
+    reads = []
+    load = torch.load
+
+    def recording_load(path, *args, **kwargs):
+        reads.append(Path(path))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    load_classifier(checkpoint)
+    assert reads == [checkpoint]
+    build_classifier(ClassifierSource(arch="resnet18", weights=str(tmp_path / "bare.pt"), model_kwargs={"width": 4}),
+                     **DATA)
+    assert reads == [checkpoint, tmp_path / "bare.pt"]
+
+
 # --- timm pretrained: the local cache or a weights file -------------------------------------------------------
 
 
