@@ -228,6 +228,9 @@ def evaluation_cost_markdown(path: Path) -> str:
         f"| MoreauGrad family | | | | {family['evals_per_image_full']:,.1f} | {family['evals_per_image_cheap']:,.1f} "
         f"| {family['ratio']:.2f} | {'yes' if results['accepted'] else 'no'} |"
     )
+    seconds = results.get("seconds") or {}
+    if seconds.get("full") is not None and seconds.get("cheap") is not None:
+        lines += ["", f"Wall time of the whole evaluation: full {seconds['full']:,.0f} s, cheap {seconds['cheap']:,.0f} s."]
     return "\n".join(lines) + "\n\n" + provenance_line(document)
 
 
