@@ -27,6 +27,7 @@ from mglightning.reporting import (
     save_figure,
     write_results,
 )
+from evaluated_runs import evaluated_run
 
 METHODS = (
     "simple_gradient",
@@ -85,15 +86,12 @@ def _grid_inputs(methods, batch=2, channels=3, size=8):
 
 
 def test_write_results_files_parse_back(tmp_path, rows):
-    run_info = {"classifier": str(tmp_path / "model.ckpt"), "dataset": "CIFAR10DataModule", "epsilons": [0.5],
-                "seed": 7, "attacks": [{"label": "topk", "class_path": "mglightning.attacks.TopKInterpretationAttack",
-                                        "settings": {"num_steps": 10}}],
-                "metrics": [{"label": "topk", "class_path": "mglightning.metrics.TopKIntersection"}],
-                "explainers": [{"label": "moreaugrad", "display_name": "MoreauGrad", "settings": {"rho": 0.06}}]}
-    paths = write_results(rows, tmp_path / "run", run_info=run_info)
+    run = evaluated_run(classifier=str(tmp_path / "model.ckpt"), seed=7)
+    paths = write_results(rows, tmp_path / "run", run)
     assert set(paths) == {"json", "csv", "md"} and all(path.is_file() for path in paths.values())
 
     document = json.loads(paths["json"].read_text())
+    assert document["run_info"] == {**run.description.to_dict(), "samples": 64, "accuracy": 0.9}
     assert document["run_info"]["dataset"] == "CIFAR10DataModule"
     assert list(document["results"]) == list(METHODS)
     assert document["results"]["relex"]["values"]["topk"] == rows[5].topk
@@ -134,7 +132,7 @@ def test_markdown_table_rows_and_number_format(rows):
 
 def test_results_write_nan_as_null(tmp_path, rows):
     rows[4].values["ssim"] = float("nan")
-    paths = write_results(rows, tmp_path, run_info={})
+    paths = write_results(rows, tmp_path, evaluated_run())
     document = json.loads(paths["json"].read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
     assert document["results"]["deeplift"]["values"]["ssim"] is None
     with paths["csv"].open(newline="") as handle:
@@ -144,7 +142,7 @@ def test_results_write_nan_as_null(tmp_path, rows):
 
 def test_docstring_examples_run():
     total = 0
-    for module in (mglightning.reporting.results, mglightning.reporting.figures):
+    for module in (mglightning.reporting.statistics, mglightning.reporting.tables, mglightning.reporting.map_figures):
         outcome = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert outcome.failed == 0
         total += outcome.attempted
@@ -384,7 +382,7 @@ def test_log_to_tensorboard_writes_each_scalar_once_with_text_figures_and_images
     writer = SummaryWriter(log_dir=str(tmp_path))
     log_to_tensorboard(writer, rows, figures={"robustness": chart},
                        images={"moreaugrad/clean_maps": saliency_image_grid(clean_maps["moreaugrad"])},
-                       step=3, run_info={"dataset": "digits", "epsilons": [0.5]})
+                       step=3, run=evaluated_run(dataset="digits"))
     assert isinstance(chart, Figure) and chart.axes  # still usable, e.g. for save_figure
 
     # Read while the writer is still open, as in a running Trainer.
