@@ -2,6 +2,7 @@
 
 import csv
 import doctest
+import errno
 import json
 import math
 
@@ -14,7 +15,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
+import mglightning.evaluation.files as files_module
 import mglightning.reporting
+from mglightning.evaluation import OutOfSpaceError
 from mglightning.explainers import EXPLAINERS
 from mglightning.reporting import (
     ResultRow,
@@ -138,6 +141,36 @@ def test_results_write_nan_as_null(tmp_path, rows):
     with paths["csv"].open(newline="") as handle:
         read = {row["method"]: row for row in csv.DictReader(handle)}
     assert math.isnan(float(read["deeplift"]["ssim"]))
+
+
+def test_a_full_disk_while_writing_the_results_keeps_the_previous_files_and_says_how_to_go_on(tmp_path, rows,
+                                                                                             monkeypatch):
+    paths = write_results(rows, tmp_path, evaluated_run())
+    before = {name: path.read_bytes() for name, path in paths.items()}
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    real_open = open
+    monkeypatch.setattr(files_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    with pytest.raises(OutOfSpaceError, match=r"writing results\.json .* the records are kept: .*report the run again"):
+        write_results(rows[:2], tmp_path, evaluated_run())
+    assert {name: path.read_bytes() for name, path in paths.items()} == before, "the previous files are intact"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results.csv", "results.json", "results.md"]
 
 
 def test_docstring_examples_run():
