@@ -10,7 +10,7 @@
 Figure 6 (robustness against the attack budget) is the evaluation's `robustness.png` (`evaluate.py`); the paper's
 own procedure is the overlay `configs/presets/paper_procedure.yaml`, e.g.
 `python evaluate.py --config configs/eval_patches.yaml --config configs/presets/paper_procedure.yaml --ckpt_path
-checkpoints/patches/last.ckpt`. The figures' content is described in `mglightning/paper_figures.py`.
+checkpoints/patches/last.ckpt`. The figures' content is described in `mglightning/paper_figures/`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ from mglightning.data import ImageDataModule
 from mglightning.frontier import frontier_figure, robustness_fidelity_frontier
 from mglightning.models import ClassifierSource
 from mglightning.paper_figures import (
+    FIGURE2_ETAS,
+    FIGURE2_RHOS,
+    FIGURE3_RHOS,
+    FIGURE3_SIGMAS,
+    FIGURE3_SPARSE_RHOS,
+    FIGURE3_SPARSE_SIGMAS,
     FIGURE4_SETTINGS,
     discrepancy_curves,
     figure2,
@@ -76,8 +82,8 @@ def fig2(
     data: ImageDataModule,
     output_dir: str = "logs/paper_figures",
     samples: int = 3,
-    rhos: Sequence[float] = (0.0, 0.1, 0.3, 1.0, 3.0),
-    etas: Sequence[float] = (0.0, 0.005, 0.01, 0.02, 0.05),
+    rhos: Sequence[float] = FIGURE2_RHOS,
+    etas: Sequence[float] = FIGURE2_ETAS,
     sparse_rho: float = 1.0,
     num_steps: int = 100,
     units: Units = "normalised",
@@ -110,8 +116,8 @@ def fig3(
     data: ImageDataModule,
     output_dir: str = "logs/paper_figures",
     samples: int = 64,
-    rhos: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0),
-    sigmas: Sequence[float] = (0.01, 0.03, 0.1, 0.2, 0.3),
+    rhos: Sequence[float] = FIGURE3_RHOS,
+    sigmas: Sequence[float] = FIGURE3_SIGMAS,
     num_steps: int = 100,
     nt_samples: int = 50,
     ig_steps: int = 50,
@@ -144,8 +150,8 @@ def fig3_sparse(
     data: ImageDataModule,
     output_dir: str = "logs/paper_figures",
     samples: int = 64,
-    rhos: Sequence[float] = (0.1, 0.3, 1.0, 3.0),
-    sigmas: Sequence[float] = (0.03, 0.1, 0.2, 0.3),
+    rhos: Sequence[float] = FIGURE3_SPARSE_RHOS,
+    sigmas: Sequence[float] = FIGURE3_SPARSE_SIGMAS,
     target_zero_fraction: float | None = None,
     match_sigma: float = 0.1,
     num_steps: int = 100,

@@ -40,7 +40,7 @@ from mglightning.attacks import TopKInterpretationAttack  # noqa: E402
 from mglightning.data import DigitsDataModule  # noqa: E402
 from mglightning.explainers import SimpleGradient  # noqa: E402
 from mglightning.metrics import deletion_insertion_auc, gini_index, topk_intersection, zero_fraction  # noqa: E402
-from mglightning.reporting.results import bootstrap_interval  # noqa: E402
+from mglightning.reporting.statistics import bootstrap_interval  # noqa: E402
 
 DEFAULT_CHECKPOINTS = [
     "standard=checkpoints/digits/last.ckpt",

@@ -43,7 +43,7 @@ from mglightning.data import DigitsDataModule  # noqa: E402
 from mglightning.data.evaluation import sample_seeds  # noqa: E402
 from mglightning.explainers import build_explainer  # noqa: E402
 from mglightning.metrics.functional import normalized_distance, saliency_ssim, topk_intersection  # noqa: E402
-from mglightning.reporting.results import bootstrap_interval  # noqa: E402
+from mglightning.reporting.statistics import bootstrap_interval  # noqa: E402
 
 METHODS = ("moreaugrad", "sparse_moreaugrad")
 METRICS = {"distance": normalized_distance, "topk": topk_intersection, "ssim": saliency_ssim}

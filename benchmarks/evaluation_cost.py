@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import evaluate  # noqa: E402
 from mglightning.evaluation import RunDescription, read_records  # noqa: E402
-from mglightning.reporting.results import bootstrap_interval, worst_case  # noqa: E402
+from mglightning.reporting.statistics import bootstrap_interval, worst_case  # noqa: E402
 
 RUNS = {"full": ["--model.warm_start", "false", "--model.search_settings", "null"], "cheap": []}
 

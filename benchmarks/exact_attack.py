@@ -46,7 +46,7 @@ from mglightning.attacks import TopKInterpretationAttack  # noqa: E402
 from mglightning.data.evaluation import sample_seeds  # noqa: E402
 from mglightning.explainers import build_explainer  # noqa: E402
 from mglightning.metrics.functional import normalized_distance, topk_intersection  # noqa: E402
-from mglightning.reporting.results import bootstrap_interval  # noqa: E402
+from mglightning.reporting.statistics import bootstrap_interval  # noqa: E402
 
 ATTACKS = {"surrogate": "self", "exact": "exact", "simple_gradient": "simple_gradient"}
 METHODS = ("moreaugrad", "sparse_moreaugrad", "group_sparse_moreaugrad")

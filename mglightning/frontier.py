@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -40,7 +39,8 @@ from mglightning.evaluation.measure import measure_batch
 from mglightning.explainers import MoreauGrad, SimpleGradient, SmoothGrad
 from mglightning.metrics import DeletionInsertionAUC, TopKIntersection, normalized_distance
 from mglightning.paper_figures import Samples
-from mglightning.reporting.results import bootstrap_interval
+from mglightning.reporting.figures import new_figure
+from mglightning.reporting.statistics import bootstrap_interval
 
 __all__ = ["FrontierPoint", "frontier_figure", "robustness_fidelity_frontier"]
 
@@ -182,8 +182,7 @@ def frontier_figure(result: dict[str, Any], title: str | None = None) -> Figure:
     """Two panels, worst-case top-k (up: more robust) against deletion AUC and against the discrepancy from the
     simple gradient (left: more faithful), each point with its 95% intervals, the curves labelled by `rho` and
     `sigma` and starting from the simple gradient."""
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(10, 4)
     panels = figure.subplots(1, 2, sharey=True)
     origin = next(point for point in result["points"] if point["method"] == "simple_gradient")
     styles = {"moreaugrad": ("tab:red", "MoreauGrad (ρ)"), "smoothgrad": ("tab:blue", "SmoothGrad (σ)")}

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 import mglightning
-from mglightning.reporting import render
-from mglightning.reporting.results import ResultRow, write_results
+from mglightning.reporting import ResultRow, render, write_results
+from evaluated_runs import evaluated_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = render.pages(ROOT)
@@ -73,7 +73,7 @@ def documented_run(tmp_path) -> Path:
     """A repository with an evaluation's results file recorded under docs/results/ and a page that shows it."""
     run = tmp_path / "run"
     write_results([result_row("simple_gradient", 0.8125), result_row("moreaugrad", 0.6875)], run,
-                  {"classifier": "digits.ckpt", "samples": 16})
+                  evaluated_run(samples=16, classifier="digits.ckpt"))
     root = tmp_path / "repo"
     (root / "docs").mkdir(parents=True)
     assert render.main(["--root", str(root), "record", "docs/results/run.json", "--n", "16",

@@ -60,11 +60,10 @@ ILLUSTRATIONS = frozenset({
     "mglightning.models.weights.read_weights_file",
     "mglightning.modules.adversarial.AdversarialTraining",
     "mglightning.paper_figures",
-    "mglightning.paper_figures.discrepancy_curves",
-    "mglightning.paper_figures.figure2",
-    "mglightning.paper_figures.map_rows_figure",
-    "mglightning.paper_figures.select_samples",
-    "mglightning.paper_figures.sparsity_matched_curves",
+    "mglightning.paper_figures.discrepancy.discrepancy_curves",
+    "mglightning.paper_figures.discrepancy.sparsity_matched_curves",
+    "mglightning.paper_figures.maps.figure2",
+    "mglightning.paper_figures.samples.select_samples",
     "mglightning.units.model_std",
 })
 

@@ -19,10 +19,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import evaluate
 from mglightning.data import DigitsDataModule
 from mglightning.data.evaluation import ExactlyOnceSampler, IndexedDataset, sample_seeds
+from mglightning.evaluation import files as files_module
 from mglightning.evaluation import AttackSpec, MetricSpec, RowSpec, RunDescription, load_maps
 from mglightning.modules import ClassifierModule
-from mglightning.reporting import bootstrap_interval, read_records
-from mglightning.reporting import results as results_module
+from mglightning.reporting import bootstrap_interval, compare_paired, read_records, summarise_records
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -314,9 +314,9 @@ def test_a_failing_write_leaves_no_truncated_results_file(tmp_path, monkeypatch)
         def __exit__(self, *args):
             self.handle.close()
 
-    monkeypatch.setattr(results_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    monkeypatch.setattr(files_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
     with pytest.raises(OSError, match="No space"):
-        results_module.atomic_write_text(path, json.dumps({"complete": False, "rows": list(range(1000))}))
+        files_module.atomic_write_bytes(path, json.dumps({"complete": False, "rows": list(range(1000))}).encode())
     assert json.loads(path.read_text()) == {"complete": True}, "the previous file is intact"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"], "no temporary file left behind"
 
@@ -466,8 +466,8 @@ def test_paired_comparison_says_which_side_is_robust():
         for i in range(20)
         for method, d, t in (("simple_gradient", 0.5 + 0.01 * i, 0.6), ("moreaugrad", 0.2 + 0.01 * i, 0.6 - 0.1))
     )
-    rows = results_module.summarise_records(records, description, resamples=200)
-    verdicts = {c.metric: c.verdict for c in results_module.compare_paired(records, rows, description, resamples=200)}
+    rows = summarise_records(records, description, resamples=200)
+    verdicts = {c.metric: c.verdict for c in compare_paired(records, rows, description, resamples=200)}
     assert verdicts == {"distance": "more robust", "topk": "less robust", "ssim": "no clear difference"}
 
 
@@ -483,7 +483,7 @@ def test_worst_case_over_attacks_takes_each_metric_at_its_worst_per_sample():
             {"method": "simple_gradient", "attack": "transfer", "index": 1, "distance": 0.1, "topk": 0.7, "ssim": 0.9},
         ]
     )
-    (row,) = results_module.summarise_records(records, description, resamples=50)
+    (row,) = summarise_records(records, description, resamples=50)
     assert row.values["distance"] == pytest.approx((0.3 + 0.5) / 2)  # the highest distance per sample
     assert row.values["topk"] == pytest.approx((0.8 + 0.5) / 2)  # the lowest top-k
     assert row.values["ssim"] == pytest.approx((0.4 + 0.5) / 2)  # the lowest SSIM, from either attack

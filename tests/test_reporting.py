@@ -2,6 +2,7 @@
 
 import csv
 import doctest
+import errno
 import json
 import math
 
@@ -14,7 +15,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
+import mglightning.evaluation.files as files_module
 import mglightning.reporting
+from mglightning.evaluation import OutOfSpaceError
 from mglightning.explainers import EXPLAINERS
 from mglightning.reporting import (
     ResultRow,
@@ -27,6 +30,7 @@ from mglightning.reporting import (
     save_figure,
     write_results,
 )
+from evaluated_runs import evaluated_run
 
 METHODS = (
     "simple_gradient",
@@ -85,15 +89,12 @@ def _grid_inputs(methods, batch=2, channels=3, size=8):
 
 
 def test_write_results_files_parse_back(tmp_path, rows):
-    run_info = {"classifier": str(tmp_path / "model.ckpt"), "dataset": "CIFAR10DataModule", "epsilons": [0.5],
-                "seed": 7, "attacks": [{"label": "topk", "class_path": "mglightning.attacks.TopKInterpretationAttack",
-                                        "settings": {"num_steps": 10}}],
-                "metrics": [{"label": "topk", "class_path": "mglightning.metrics.TopKIntersection"}],
-                "explainers": [{"label": "moreaugrad", "display_name": "MoreauGrad", "settings": {"rho": 0.06}}]}
-    paths = write_results(rows, tmp_path / "run", run_info=run_info)
+    run = evaluated_run(classifier=str(tmp_path / "model.ckpt"), seed=7)
+    paths = write_results(rows, tmp_path / "run", run)
     assert set(paths) == {"json", "csv", "md"} and all(path.is_file() for path in paths.values())
 
     document = json.loads(paths["json"].read_text())
+    assert document["run_info"] == {**run.description.to_dict(), "samples": 64, "accuracy": 0.9}
     assert document["run_info"]["dataset"] == "CIFAR10DataModule"
     assert list(document["results"]) == list(METHODS)
     assert document["results"]["relex"]["values"]["topk"] == rows[5].topk
@@ -134,7 +135,7 @@ def test_markdown_table_rows_and_number_format(rows):
 
 def test_results_write_nan_as_null(tmp_path, rows):
     rows[4].values["ssim"] = float("nan")
-    paths = write_results(rows, tmp_path, run_info={})
+    paths = write_results(rows, tmp_path, evaluated_run())
     document = json.loads(paths["json"].read_text(), parse_constant=lambda name: pytest.fail(f"non-standard JSON {name}"))
     assert document["results"]["deeplift"]["values"]["ssim"] is None
     with paths["csv"].open(newline="") as handle:
@@ -142,9 +143,39 @@ def test_results_write_nan_as_null(tmp_path, rows):
     assert math.isnan(float(read["deeplift"]["ssim"]))
 
 
+def test_a_full_disk_while_writing_the_results_keeps_the_previous_files_and_says_how_to_go_on(tmp_path, rows,
+                                                                                             monkeypatch):
+    paths = write_results(rows, tmp_path, evaluated_run())
+    before = {name: path.read_bytes() for name, path in paths.items()}
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    real_open = open
+    monkeypatch.setattr(files_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    with pytest.raises(OutOfSpaceError, match=r"writing results\.json .* the records are kept: .*report the run again"):
+        write_results(rows[:2], tmp_path, evaluated_run())
+    assert {name: path.read_bytes() for name, path in paths.items()} == before, "the previous files are intact"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results.csv", "results.json", "results.md"]
+
+
 def test_docstring_examples_run():
     total = 0
-    for module in (mglightning.reporting.results, mglightning.reporting.figures):
+    for module in (mglightning.reporting.statistics, mglightning.reporting.tables, mglightning.reporting.map_figures):
         outcome = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert outcome.failed == 0
         total += outcome.attempted
@@ -384,7 +415,7 @@ def test_log_to_tensorboard_writes_each_scalar_once_with_text_figures_and_images
     writer = SummaryWriter(log_dir=str(tmp_path))
     log_to_tensorboard(writer, rows, figures={"robustness": chart},
                        images={"moreaugrad/clean_maps": saliency_image_grid(clean_maps["moreaugrad"])},
-                       step=3, run_info={"dataset": "digits", "epsilons": [0.5]})
+                       step=3, run=evaluated_run(dataset="digits"))
     assert isinstance(chart, Figure) and chart.axes  # still usable, e.g. for save_figure
 
     # Read while the writer is still open, as in a running Trainer.

@@ -15,7 +15,7 @@ from mglightning.explainers import SimpleGradient
 from mglightning.explainers.gradients import record_gradient_evaluations
 from mglightning.metrics import MapBatch, ModelRandomisation, control_maps, randomised_copy, spearman_correlation
 from mglightning.models.layers import Normalize
-from mglightning.reporting.results import control_flag
+from mglightning.reporting.statistics import control_flag
 from test_evaluate import E, checkpoint, eval_args, results_of  # noqa: F401
 
 

@@ -195,7 +195,8 @@ def provenance_line(document: dict[str, Any]) -> str:
 
 def evaluation_markdown(path: Path) -> str:
     """An evaluation's results table (the one `results.md` and the console show) from a recorded `results.json`."""
-    from mglightning.reporting.results import ResultRow, format_results_table
+    from mglightning.reporting.rows import ResultRow
+    from mglightning.reporting.tables import format_results_table
 
     document = read_results_file(path)
     rows = []

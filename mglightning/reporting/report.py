@@ -19,17 +19,12 @@ from mglightning.evaluation.added import merge_added
 from mglightning.evaluation.description import RunDescription
 from mglightning.evaluation.measure import GridSample
 from mglightning.evaluation.records import read_records
-from mglightning.reporting.figures import fidelity_figure, robustness_figure, saliency_grid, save_figure
-from mglightning.reporting.results import (
-    ResultRow,
-    compare_paired,
-    format_comparisons,
-    format_flags,
-    format_number,
-    format_results_table,
-    summarise_records,
-    write_results,
-)
+from mglightning.reporting.figures import fidelity_figure, robustness_figure, save_figure
+from mglightning.reporting.map_figures import saliency_grid
+from mglightning.reporting.results import write_results
+from mglightning.reporting.rows import EvaluatedRun, ResultRow
+from mglightning.reporting.statistics import compare_paired, summarise_records
+from mglightning.reporting.tables import format_comparisons, format_flags, format_number, format_results_table
 from mglightning.reporting.tensorboard import log_to_tensorboard
 
 __all__ = ["load_grid", "report"]
@@ -58,17 +53,14 @@ def report(
     resamples, seed = description.bootstrap_samples, description.seed
     rows = summarise_records(records, description, resamples=resamples, seed=seed)
     comparisons = compare_paired(records, rows, description, resamples=resamples, seed=seed)
-    first = records.drop_duplicates("index")
-    samples = int(first["index"].nunique())
-    accuracy = float((first["label"] == first["prediction"]).mean())
-    run_info = {**description.to_dict(), "samples": samples, "accuracy": accuracy}
-    paths = write_results(rows, run_dir, run_info, comparisons)
+    run = EvaluatedRun.from_records(description, records)
+    paths = write_results(rows, run_dir, run, comparisons)
     expected = description.planned_samples
     if verbose:
         print("\n" + format_results_table(rows))
         print(
-            f"\nEvaluated {samples} samples" + (f" of {expected}" if expected != samples else "")
-            + f" (clean accuracy {format_number(accuracy)}); intervals are 95% bootstrap intervals over samples."
+            f"\nEvaluated {run.samples} samples" + (f" of {expected}" if expected != run.samples else "")
+            + f" (clean accuracy {format_number(run.accuracy)}); intervals are 95% bootstrap intervals over samples."
             + (f" Each sample counts at its worst case over the {len(description.attacks)} attacks."
                if len(description.attacks) > 1 else "")
         )
@@ -107,7 +99,7 @@ def report(
     if grid is not None:
         figures["saliency_grid"] = saliency_grid(**grid)
     if experiment is not None:
-        log_to_tensorboard(experiment, rows, figures, run_info=run_info)
+        log_to_tensorboard(experiment, rows, figures, run=run)
     for name, figure in figures.items():
         paths[name] = save_figure(figure, run_dir / f"{name}.png")
         if verbose:

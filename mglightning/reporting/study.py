@@ -36,7 +36,6 @@ import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -44,17 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from mglightning.evaluation.description import RunDescription
+from mglightning.evaluation.files import atomic_write_bytes
 from mglightning.evaluation.records import read_records
-from mglightning.reporting.results import (
-    _TITLES,
-    _json_ready,
-    atomic_write_text,
-    format_number,
-    summarise_records,
-    worst_case,
-)
+from mglightning.reporting.render import commit, machine
+from mglightning.reporting.rows import EvaluatedRun, json_ready
+from mglightning.reporting.statistics import paired_verdict, summarise_records, worst_case
+from mglightning.reporting.tables import column_title, format_number
 
 __all__ = ["BASELINES", "hierarchical_bootstrap", "main", "study_markdown", "study_results", "write_study"]
 
@@ -111,13 +108,6 @@ def hierarchical_bootstrap(
     return round(estimate, 12), (round(float(low), 12), round(float(high), 12))
 
 
-def _verdict(low: float, high: float, higher_is_better: bool) -> str:
-    low, high = (0.0 if abs(low) < 1e-9 else low), (0.0 if abs(high) < 1e-9 else high)
-    if higher_is_better:
-        return "more robust" if low > 0 else "less robust" if high < 0 else "no clear difference"
-    return "more robust" if high < 0 else "less robust" if low > 0 else "no clear difference"
-
-
 def _pooled(groups: list[np.ndarray], resamples: int, seed: int) -> dict[str, Any]:
     """Pooled mean and interval of per-model arrays; NaN values (undefined) are left out, a model with none
     defined too."""
@@ -127,29 +117,6 @@ def _pooled(groups: list[np.ndarray], resamples: int, seed: int) -> dict[str, An
         return {"mean": None, "interval": [None, None], "models": 0, "samples": 0}
     mean, (low, high) = hierarchical_bootstrap(kept, resamples, seed=seed)
     return {"mean": mean, "interval": [low, high], "models": len(kept), "samples": int(sum(g.size for g in kept))}
-
-
-def _git_commit() -> str | None:
-    """The commit of the source that computes the study, with `-dirty` when it has uncommitted changes."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "python": platform.python_version(), "torch": torch.__version__,
-               "cpu_count": os.cpu_count()}
-    if torch.cuda.is_available():
-        machine["cuda_device"] = torch.cuda.get_device_name(0)
-    return machine
 
 
 def _load_run(run_dir: Path) -> tuple[RunDescription, Any, Any]:
@@ -202,12 +169,11 @@ def study_results(
     per_model: list[dict[str, Any]] = []  # {method: frame indexed by sample}
     for run_dir, description, records, combined in runs:
         summary = summarise_records(records, description, resamples=resamples, seed=seed)
-        first = records.drop_duplicates("index")
+        run = EvaluatedRun.from_records(description, records)
         config = run_dir / "config.yaml"
         models.append({
             "run_dir": str(run_dir), "classifier": description.classifier,
-            "weights_sha256": description.classifier_sha256, "samples": int(first["index"].nunique()),
-            "accuracy": float((first["label"] == first["prediction"]).mean()),
+            "weights_sha256": description.classifier_sha256, "samples": run.samples, "accuracy": run.accuracy,
             "config": config.read_text(encoding="utf-8") if config.is_file() else None,
             "run": description.to_dict(), "rows": {row.method: row.to_dict() for row in summary},
         })
@@ -243,7 +209,7 @@ def study_results(
                     "difference": result["mean"], "interval": [low, high], "models": result["models"],
                     "samples": result["samples"],
                     "per_model": [float(values.mean()) if values.size else None for values in differences],
-                    "verdict": "no samples" if low is None else _verdict(low, high, directions[column]),
+                    "verdict": "no samples" if low is None else paired_verdict(low, high, directions[column]),
                 })
 
     sanity = {}
@@ -283,15 +249,17 @@ def study_results(
         }
 
     command = command if command is not None else " ".join(shlex.quote(part) for part in sys.argv)
-    git_commit, machine = _git_commit(), _machine()
+    # The commit of the source that computes the study and the machine, as the documentation's results files name them.
+    git_commit, described = commit(Path(__file__).resolve().parents[2]), machine()
     samples = [model.get("samples") for model in models]
-    return _json_ready({
+    return json_ready({
         # What produced the file, in the form the documentation's rendered tables read (mglightning.reporting.render).
-        "provenance": {"command": command, "commit": git_commit or "unknown",
-                       "machine": f"{machine['processor']}, {machine['platform']}",
+        "provenance": {"command": command, "commit": git_commit, "machine": described,
                        "n": f"{len(models)} models x {samples[0] if len(set(samples)) == 1 else samples} samples"},
         "title": first_description.title or "",
-        "command": command, "git_commit": git_commit, "machine": machine,
+        "command": command, "git_commit": git_commit,
+        "machine": {"description": described, "python": platform.python_version(), "torch": torch.__version__,
+                    "cpu_count": os.cpu_count()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "resamples": resamples, "seed": seed, "confidence": 0.95,
         "attacks": [attack.label for attack in first_description.attacks],
@@ -345,8 +313,7 @@ def study_markdown(path: str | Path) -> str:
     ]
 
     def title(column: str) -> str:
-        direction = study["columns"].get(column)
-        return _TITLES.get(column, column) + ("" if direction is None else " ↑" if direction else " ↓")
+        return column_title(column, study["columns"].get(column))
 
     sanity, corollary = study.get("sanity", {}), study.get("corollary", {})
     header = ["method", "ε"] + [title(column) + " [95% CI]" for column in columns]
@@ -406,9 +373,9 @@ def write_study(study: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "study.json", "md": out_dir / "study.md"}
-    atomic_write_text(paths["json"], json.dumps(study, indent=1, allow_nan=False) + "\n")
+    _write_text(paths["json"], json.dumps(study, indent=1, allow_nan=False) + "\n")
     title = study.get("title") or "Study"
-    atomic_write_text(paths["md"], f"# {title}\n\n" + study_markdown(paths["json"]))
+    _write_text(paths["md"], f"# {title}\n\n" + study_markdown(paths["json"]))
     return paths
 
 
@@ -434,13 +401,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     return paths
 
 
-if __name__ == "__main__":
-    main()
-
-
 def study_headline_markdown(path: str | Path) -> str:
     """The study's first table alone (per method and budget, pooled over the models), for a page that links to the
     paired comparisons instead of repeating them (the README)."""
     table, _, comparisons = study_markdown(path).partition("\n\nPaired differences")
     count = json.loads(Path(path).read_text(encoding="utf-8"))["comparison_count"]
     return f"{table}\n\nThe {count} paired comparisons against the simple gradient and SmoothGrad are on the study's page."
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), recovery="and the run folders are untouched: free some space and "
+                       "run the same command again")
+
+
+if __name__ == "__main__":
+    main()

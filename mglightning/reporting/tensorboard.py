@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from mglightning.reporting.results import ResultRow, format_results_table, run_header_markdown
+from mglightning.reporting.rows import EvaluatedRun, ResultRow
+from mglightning.reporting.tables import format_results_table, run_header_markdown
 
 __all__ = ["log_to_tensorboard"]
 
@@ -18,7 +19,7 @@ def log_to_tensorboard(
     rows: Sequence[ResultRow],
     figures: Mapping[str, Figure] | None = None,
     images: Mapping[str, torch.Tensor] | None = None,
-    run_info: Mapping[str, Any] | None = None,
+    run: EvaluatedRun | None = None,
     step: int = 0,
     prefix: str = "test",
 ) -> None:
@@ -34,7 +35,7 @@ def log_to_tensorboard(
         rows: the results rows.
         figures: `{name: figure}`; figures are not closed, so they can still be saved afterwards.
         images: `{name: (3, H, W) tensor in [0, 1]}`.
-        run_info: the run's description, logged as text.
+        run: the evaluated run, its description logged as text.
         step: the global step to log at.
         prefix: first part of every tag.
     """
@@ -51,8 +52,8 @@ def log_to_tensorboard(
             experiment.add_scalar(f"{prefix}/{row.method}/{key}_ci_low", float(low), step)
             experiment.add_scalar(f"{prefix}/{row.method}/{key}_ci_high", float(high), step)
     experiment.add_text(f"{prefix}/results", format_results_table(rows), step)
-    if run_info:
-        experiment.add_text(f"{prefix}/run_info", run_header_markdown(run_info), step)
+    if run is not None:
+        experiment.add_text(f"{prefix}/run_info", run_header_markdown(run), step)
     for name, figure in (figures or {}).items():
         experiment.add_figure(f"{prefix}/{name}", figure, step, close=False)
     for name, image in (images or {}).items():
