@@ -96,10 +96,7 @@ class _SecondOrderBase(Explainer):
 
     def check_input_shape(self, shape: torch.Size) -> None:
         if self.group_size is not None:
-            try:
-                check_group_size(shape, self.group_size)
-            except ValueError as error:
-                raise ValueError(f"{type(self).__name__}: {error}") from None
+            check_group_size(shape, self.group_size, type(self).__name__)
 
     def _prox(self, values: Tensor, thresholds: Tensor) -> Tensor:
         """The proximal operator of `thresholds[i] * R` on each sample's `values[i]`.

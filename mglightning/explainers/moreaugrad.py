@@ -427,10 +427,7 @@ class GroupSparseMoreauGrad(_PenalisedMoreauGrad):
         self.group_size = group_size
 
     def check_input_shape(self, shape: torch.Size) -> None:
-        try:
-            check_group_size(shape, self.group_size)
-        except ValueError as error:
-            raise ValueError(f"{type(self).__name__}: {error}") from None
+        check_group_size(shape, self.group_size, type(self).__name__)
 
     def _zero_quantum(self, shape: torch.Size) -> float:
         return self.group_size**2 / (shape[-2] * shape[-1])
