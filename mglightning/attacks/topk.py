@@ -104,9 +104,9 @@ class TopKInterpretationAttack(Attack):
     gradient of a ReLU network) gives a zero step and leaves samples unmoved; attack softplus networks.
 
     **Cost.** :meth:`run`'s ``gradient_evaluations`` (``(B,)`` long CPU tensor) hold the model input rows that the
-    attack's ``num_steps + 1`` map evaluations sent through a forward+backward (the sum of the differentiated explainer's
-    own counts). With ``surrogate="exact"`` that includes the ``num_steps`` backward passes' Hessian-vector
-    products (2 rows per product and noise copy, CG iterations x products), which the explainer's
+    attack's ``num_steps + 1`` map evaluations sent through a forward+backward (the sum of the differentiated
+    explainer's own counts). With ``surrogate="exact"`` that includes the ``num_steps`` backward passes'
+    Hessian-vector products (2 rows per product and noise copy, CG iterations x products), which the explainer's
     ``Explanation.gradient_evaluations`` receive when the backward runs. Not included: the backward through the
     other differentiated maps (one more pass per row of the map's graph, i.e. per sample for the simple gradient
     and the MoreauGrad surrogate) and the label checks (forward-only, one row per sample and iterate).
