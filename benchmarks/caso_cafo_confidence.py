@@ -87,12 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
         cosines, sigma, zeros, evaluations = [], [], 0, []
         for batch in index.split(args.batch_size):
             inputs, target = images[batch.to(device)], prediction[batch].to(device)
-            caso_maps = caso.attribute(inputs, target, seeds=batch).flatten(1)
+            caso_explanation = caso.explain(inputs, target, seeds=batch)
+            caso_maps = caso_explanation.attribution.flatten(1)
             cafo_maps = cafo.attribute(inputs, target).flatten(1)
             cosines.append(torch.nn.functional.cosine_similarity(caso_maps, cafo_maps, dim=1).cpu())
             zeros += int(((caso_maps == 0).all(1) | (cafo_maps == 0).all(1)).sum())
-            sigma.append(caso.last_sigma_max)
-            evaluations.append(caso.last_sample_gradient_evaluations)
+            sigma.append(caso_explanation.sigma_max)
+            evaluations.append(caso_explanation.gradient_evaluations)
         cosines, sigma, evaluations = torch.cat(cosines), torch.cat(sigma), torch.cat(evaluations)
         report["groups"][name] = {
             "samples": len(index),

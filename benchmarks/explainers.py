@@ -42,7 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mglightning.explainers import MoreauGrad, build_explainer, list_explainers  # noqa: E402
-from mglightning.explainers.base import chunk_ranges  # noqa: E402
+from mglightning.explainers.batching import chunk_ranges  # noqa: E402
 from mglightning.explainers.hessian import ClassCrossEntropy, hessian_vector_product  # noqa: E402
 from mglightning.models import create_model  # noqa: E402
 
@@ -144,14 +144,15 @@ def throughput(args, model, images, target, seeds, device) -> dict:
             settings["group_size"] = 4  # the default 14 only divides 224-pixel images
         explainer = build_explainer(name, model, **settings)
         progress(f"throughput: {name}")
-        seconds = timed(lambda: explainer.attribute(images, target, seeds=seeds), device)
+        calls = []  # the explanation, for its cost
+        seconds = timed(lambda: calls.append(explainer.explain(images, target, seeds=seeds)), device)
         results[name] = {
             "images_per_second": round(len(images) / seconds, 3),
             "seconds_per_batch": round(seconds, 3),
             "settings": settings,
         }
         if isinstance(explainer, MoreauGrad):
-            results[name]["model_rows_per_image"] = explainer.last_gradient_evaluations / len(images)
+            results[name]["model_rows_per_image"] = int(calls[-1].gradient_evaluations.sum()) / len(images)
     return results
 
 
@@ -179,23 +180,24 @@ def moreau_overhead(args, model, images, target, seeds, device, noise_std: float
         }
         return steps * sum(per_size[size] for size in chunk_sizes)
 
-    ratios, walls, model_seconds = [], [], []
+    ratios, walls, model_seconds, calls = [], [], [], []
     for _ in range(args.repeats):
         # The reference passes bracket the solve, so a change of machine load affects both alike.
         before = model_time()
-        wall = timed(lambda: explainer.attribute(images, target, seeds=seeds), device)
+        wall = timed(lambda: calls.append(explainer.explain(images, target, seeds=seeds)), device)
         expected = (before + model_time()) / 2
         ratios.append(wall / expected)
         walls.append(wall)
         model_seconds.append(expected)
-    assert explainer.last_gradient_evaluations == steps * sum(chunk_sizes)
+    evaluations = int(calls[-1].gradient_evaluations.sum())
+    assert evaluations == steps * sum(chunk_sizes)
     return {
         "mode": "regularised" if noise_std > 0 else "plain",
         "steps": steps,
         "noise_samples": copies,
         "internal_batch_size": args.internal_batch_size,
         "chunk_sizes_per_step": chunk_sizes,
-        "gradient_evaluations": explainer.last_gradient_evaluations,
+        "gradient_evaluations": evaluations,
         "wall_seconds": [round(w, 3) for w in walls],
         "model_seconds": [round(m, 3) for m in model_seconds],
         "ratios": [round(r, 4) for r in ratios],
@@ -220,13 +222,14 @@ def second_order_cost(args, model, images, target, seeds, device) -> dict:
     for name in ("caso", "cafo"):
         progress(f"second_order: {name}")
         explainer = build_explainer(name, model, internal_batch_size=args.internal_batch_size)
-        seconds = median_time(lambda: explainer.attribute(images, target, seeds=seeds))
+        calls = []
+        seconds = median_time(lambda: calls.append(explainer.explain(images, target, seeds=seeds)))
         result[name] = {
             "settings": {key: getattr(explainer, key) for key in explainer.settings()},
             "seconds_per_batch": round(seconds, 4),
             # A batched call over a batched forward+backward of the same images: the per-image multiple.
             "cost_over_forward_backward": round(seconds / unit, 2),
-            "gradient_evaluations_per_image": explainer.last_gradient_evaluations / len(images),
+            "gradient_evaluations_per_image": int(calls[-1].gradient_evaluations.sum()) / len(images),
         }
     return result
 
@@ -284,8 +287,8 @@ class TracedMoreauGrad(MoreauGrad):
         self.reference = reference
         self.errors: list[torch.Tensor] = []
 
-    def _prox(self, displacement: torch.Tensor, step: float) -> torch.Tensor:
-        displacement = super()._prox(displacement, step)
+    def _prox(self, displacement: torch.Tensor, step: float, eta: torch.Tensor | None) -> torch.Tensor:
+        displacement = super()._prox(displacement, step, eta)
         error = (-displacement / self.rho - self.reference).flatten(1).norm(dim=1)
         self.errors.append(error / self.reference.flatten(1).norm(dim=1))
         return displacement
@@ -308,7 +311,8 @@ def convergence(args) -> dict:
     # The reference is solved in float64 (a float32 solve stalls at rounding level before a tight tol).
     reference_solver = MoreauGrad(copy.deepcopy(model).double(), num_steps=5 * args.convergence_max_steps,
                                   tol=1e-10, accelerate=True, **settings)
-    reference = reference_solver.attribute(images.double(), target).to(images.dtype)
+    solved = reference_solver.explain(images.double(), target)
+    reference = solved.attribution.to(images.dtype)
     batch = len(images)
     result = {
         "model": description,
@@ -316,7 +320,7 @@ def convergence(args) -> dict:
         "settings": settings,
         "target_relative_error": args.target_error,
         "reference": {"solver": "float64, accelerate=True, tol=1e-10",
-                      "iterations_max": int(reference_solver.last_iterations.max())},
+                      "iterations_max": int(solved.iterations.max())},
     }
     for accelerate in (False, True):
         horizon = 64
@@ -341,15 +345,16 @@ def convergence(args) -> dict:
     for accelerate in (False, True):
         for tol in TOLERANCES:
             solver = MoreauGrad(model, num_steps=args.convergence_max_steps, tol=tol, accelerate=accelerate, **settings)
-            maps = solver.attribute(images, target)
-            progress(f"convergence: accelerate={accelerate}, tol={tol}: {solver.last_iterations.tolist()} iterations")
+            explanation = solver.explain(images, target)
+            maps, iterations = explanation.attribution, explanation.iterations
+            progress(f"convergence: accelerate={accelerate}, tol={tol}: {iterations.tolist()} iterations")
             errors = (maps - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
             if errors.max() <= args.target_error:
                 result["accelerate+tol" if accelerate else "tol"] = {
                     "tol": tol,
-                    "gradient_evaluations": solver.last_gradient_evaluations,
-                    "iterations_mean": round(solver.last_iterations.double().mean().item(), 1),
-                    "iterations_max": int(solver.last_iterations.max()),
+                    "gradient_evaluations": int(explanation.gradient_evaluations.sum()),
+                    "iterations_mean": round(iterations.double().mean().item(), 1),
+                    "iterations_max": int(iterations.max()),
                     "max_relative_error": float(errors.max()),
                 }
                 break

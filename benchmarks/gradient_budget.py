@@ -4,7 +4,7 @@ For each `configs/eval_*.yaml` (or the configs given) and each explainer in it, 
 config's settings on a tiny softplus model and runs, for one image and the config's attack settings, exactly
 what the evaluator runs: the clean map, the top-k attack (`attack_steps + 1` evaluations of the differentiated
 map, or of its surrogate) and the attacked map, and reads the explainers' and the attack's own counters
-(`last_sample_gradient_evaluations`: model input rows through a forward+backward). The counts depend on the
+(`Explanation.gradient_evaluations` and `AttackResult.gradient_evaluations`: model input rows through a forward+backward). The counts depend on the
 settings only, not on the model or the image size, as long as the settings have no `tol` (the paper-faithful
 configs have none; with `tol` the counts depend on the model: measure them with benchmarks/attack_cost.py).
 
@@ -68,16 +68,14 @@ def config_budget(path: Path) -> dict:
         size = settings.get("group_size", 4)  # the group-sparse method needs H and W divisible by its groups
         image = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0))
         target, seeds = torch.tensor([0]), torch.tensor([0])
-        explainer.attribute(image, target, seeds=seeds)
-        clean = int(explainer.last_sample_gradient_evaluations[0])
+        clean = int(explainer.explain(image, target, seeds=seeds).gradient_evaluations[0])
         attack = TopKInterpretationAttack(
             explainer, epsilons[0], num_steps=attack_steps, topk_fraction=model_section.get("topk_fraction", 0.4),
             surrogate=model_section.get("surrogate", "self"),
         )
-        adversarial, _ = attack.perturb(image, target, seeds=seeds)
-        attacked_cost = int(attack.last_sample_gradient_evaluations[0])
-        explainer.attribute(adversarial, target, seeds=seeds)
-        attacked_map = int(explainer.last_sample_gradient_evaluations[0])
+        result = attack.run(image, target, seeds=seeds)
+        attacked_cost = int(result.gradient_evaluations[0])
+        attacked_map = int(explainer.explain(result.inputs, target, seeds=seeds).gradient_evaluations[0])
         per_budget = clean + attacked_cost + attacked_map
         rows[label] = {
             "settings": settings,

@@ -65,11 +65,12 @@ def main(argv: list[str] | None = None) -> None:
             start = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                maps = explainer.attribute(images, target, seeds=seeds)
+                explanation = explainer.explain(images, target, seeds=seeds)
+            maps = explanation.attribution
             seconds = time.perf_counter() - start
             goal = explainer.achievable_zero_fraction(images.shape)
             miss = (zero_fraction(maps) - goal).abs()
-            rounds = (explainer.last_sample_gradient_evaluations - 1).double() / per_solve
+            rounds = (explanation.gradient_evaluations - 1).double() / per_solve
             print(f"| {cls.display_name} | {share} | {goal:.4f} | {float(miss.max()):.4f} | {float(miss.mean()):.4f} | "
                   f"{float(rounds.mean()):.2f} | {int(rounds.max())} | {seconds:.0f} | {len(caught)} |", flush=True)
 

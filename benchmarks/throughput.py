@@ -45,7 +45,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from mglightning.explainers import CASO, MoreauGrad, SimpleGradient, SmoothGrad, SparseMoreauGrad  # noqa: E402
-from mglightning.explainers.base import ClassScore, chunk_ranges, resolve_internal_batch_size  # noqa: E402
+from mglightning.explainers.base import ClassScore  # noqa: E402
+from mglightning.explainers.batching import chunk_ranges, resolve_internal_batch_size  # noqa: E402
 from mglightning.explainers.hessian import ClassCrossEntropy  # noqa: E402
 from mglightning.models import create_model  # noqa: E402
 
@@ -154,9 +155,11 @@ def family_explainer(name: str, model: nn.Module, args, copies: int):
     return CASO(model, num_steps=2, power_iterations=2, **chunk)
 
 
-def pass_sizes(name: str, explainer, images: torch.Tensor, target: torch.Tensor, args, copies: int) -> list[int]:
+def pass_sizes(
+    name: str, explainer, images: torch.Tensor, target: torch.Tensor, args, copies: int, evaluations: int
+) -> list[int]:
     """The rows of each model pass of one call, as the method chunks them (CASO: its products at the batch's rows,
-    each counted as 2 gradient evaluations of the batch)."""
+    each counted as 2 gradient evaluations of the batch; `evaluations`: the call's total)."""
     batch = len(images)
     model = explainer.model
     objective = ClassCrossEntropy(model, target) if name == "caso" else ClassScore(model, "logit", target)
@@ -166,7 +169,7 @@ def pass_sizes(name: str, explainer, images: torch.Tensor, target: torch.Tensor,
     if name == "moreaugrad_plain":
         return [batch] * args.plain_steps
     if name == "caso":
-        whole, rest = divmod(explainer.last_gradient_evaluations, batch)
+        whole, rest = divmod(evaluations, batch)
         return [batch] * whole + ([rest] if rest else [])
     steps = 1 if name == "smoothgrad" else args.steps
     return [stop - start for start, stop in chunk_ranges(batch * copies, chunk)] * steps
@@ -174,9 +177,10 @@ def pass_sizes(name: str, explainer, images: torch.Tensor, target: torch.Tensor,
 
 def measure_family(name, model, images, target, seeds, device, args, copies) -> dict:
     explainer = family_explainer(name, model, args, copies)
-    explainer.attribute(images, target, seeds=seeds)  # warm-up: allocations, kernel choices, the "auto" probe
-    sizes = pass_sizes(name, explainer, images, target, args, copies)
-    assert sum(sizes) == explainer.last_gradient_evaluations, (name, sizes, explainer.last_gradient_evaluations)
+    # The warm-up call: allocations, kernel choices, the "auto" probe.
+    evaluations = int(explainer.explain(images, target, seeds=seeds).gradient_evaluations.sum())
+    sizes = pass_sizes(name, explainer, images, target, args, copies, evaluations)
+    assert sum(sizes) == evaluations, (name, sizes, evaluations)
     references = {size: torch.rand(size, *images.shape[1:], device=device) for size in set(sizes)}
     reference_target = {size: torch.zeros(size, dtype=torch.long, device=device) for size in references}
     for size, rows in references.items():
@@ -198,7 +202,6 @@ def measure_family(name, model, images, target, seeds, device, args, copies) -> 
         model_seconds.append((before[0] + after[0]) / 2)
         model_cpus.append((before[1] + after[1]) / 2)
     ratios = [wall / model for wall, model in zip(walls, model_seconds)]
-    evaluations = explainer.last_gradient_evaluations
     cpu_time = {}
     if device.type == "cpu":
         cpu_ratios = [cpu / model for cpu, model in zip(cpus, model_cpus)]

@@ -465,17 +465,13 @@ def explainer_settings_help() -> str:
     One line per explainer, then its settings as `name: type = default`, wrapped under it (the help is printed
     as written, so the lines stay).
     """
-    import inspect
-
     from mglightning.explainers import EXPLAINERS
 
     lines = ["explainers (model.explainers: {label: {class_path: <class>, init_args: {setting: value}}}):"]
     for cls in EXPLAINERS.values():
         lines.append(f"  {cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}  ({cls.name}: {cls.display_name})")
         settings = []
-        for name, parameter in inspect.signature(cls.__init__).parameters.items():
-            if name in ("self", "model"):
-                continue
+        for name, parameter in cls.setting_parameters().items():
             annotation = parameter.annotation if isinstance(parameter.annotation, str) else getattr(
                 parameter.annotation, "__name__", str(parameter.annotation)
             )

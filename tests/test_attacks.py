@@ -320,9 +320,9 @@ def test_attack_under_inference_mode_says_how_to_fix_it():
 @pytest.mark.parametrize("epsilon", [0, 0.0, -0.1, float("nan"), float("inf"), True, "0.1"])
 def test_epsilon_must_be_positive(epsilon):
     model = _softplus_net()
-    with pytest.raises(ValueError, match="`epsilon` must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"epsilon must be (a finite number|> 0)"):
         TopKInterpretationAttack(SimpleGradient(model), epsilon=epsilon)
-    with pytest.raises(ValueError, match="`epsilon` must be a finite number > 0"):
+    with pytest.raises(ValueError, match=r"epsilon must be (a finite number|> 0)"):
         GaussianNoise(None, epsilon)
 
 
@@ -335,7 +335,7 @@ def test_epsilon_must_be_positive(epsilon):
         ({"step_size": -0.01}, "step_size"),
         ({"topk_fraction": 0.0}, r"topk_fraction.*\(0, 1\]"),
         ({"topk_fraction": 1.5}, r"topk_fraction.*\(0, 1\]"),
-        ({"surrogate": "deeplift"}, "self, exact, simple_gradient"),
+        ({"surrogate": "deeplift"}, r"surrogate must be one of \('self', 'exact', 'simple_gradient'\)"),
         ({"surrogate": "exact"}, "not of that family"),
     ],
 )

@@ -10,15 +10,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evaluate
-import mglightning.explainers.base as base
+import mglightning.explainers.batching as batching
 from mglightning.explainers import CASO, MoreauGrad, RelEx, SmoothGrad, build_explainer, explainer_settings
-from mglightning.explainers.base import (
-    AUTO_CPU_ROWS,
-    ClassScore,
-    NonFiniteScoresError,
-    resolve_internal_batch_size,
-    saved_bytes_per_row,
-)
+from mglightning.explainers.base import ClassScore, NonFiniteScoresError
+from mglightning.explainers.batching import AUTO_CPU_ROWS, resolve_internal_batch_size, saved_bytes_per_row
 from mglightning.explainers.hessian import ClassCrossEntropy
 
 TARGET = torch.tensor([0, 3, 1])
@@ -55,7 +50,7 @@ def test_auto_takes_a_share_of_the_available_memory_and_a_fixed_size_on_the_cpu(
         0.5 * 10**6 // hessian_row
     )
     assert resolve_internal_batch_size("auto", objective, inputs, available_bytes=10) == 1
-    assert resolve_internal_batch_size("auto", objective, inputs, available_bytes=10**15) == base.AUTO_MAX_ROWS
+    assert resolve_internal_batch_size("auto", objective, inputs, available_bytes=10**15) == batching.AUTO_MAX_ROWS
     # Off CUDA "auto" is the old default; an int or None stays as set.
     assert resolve_internal_batch_size("auto", objective, inputs) == AUTO_CPU_ROWS == 256
     assert resolve_internal_batch_size(7, objective, inputs) == 7
@@ -77,9 +72,9 @@ def test_auto_on_a_device_with_memory_to_plan_gives_the_maps_of_that_chunk_size(
     settings = {"smoothgrad": {"nt_samples": 5}, "relex": {"num_steps": 2, "noise_samples": 3},
                 "moreaugrad": {"num_steps": 3, "noise_samples": 4}, "caso": {"num_steps": 3, "power_iterations": 3}}
     probes = []
-    real_probe = base.saved_bytes_per_row
-    monkeypatch.setattr(base, "_available_device_bytes", lambda device: 200_000)
-    monkeypatch.setattr(base, "saved_bytes_per_row", lambda *args: probes.append(1) or real_probe(*args))
+    real_probe = batching.saved_bytes_per_row
+    monkeypatch.setattr(batching, "_available_device_bytes", lambda device: 200_000)
+    monkeypatch.setattr(batching, "saved_bytes_per_row", lambda *args: probes.append(1) or real_probe(*args))
     explainer = build_explainer(name, model, **settings[name])
     auto = explainer.attribute(images, TARGET, seeds=SEEDS)
     explainer.attribute(images, TARGET, seeds=SEEDS)
@@ -107,7 +102,7 @@ def test_the_probe_does_not_use_up_the_check_of_the_first_pass(monkeypatch):
 
     images = torch.rand(3, 3, 8, 8)
     images[2, 0, 0, 0] = 0.25  # only sample 2's rows (noise-free) give NaN
-    monkeypatch.setattr(base, "_available_device_bytes", lambda device: 10**7)
+    monkeypatch.setattr(batching, "_available_device_bytes", lambda device: 10**7)
     with pytest.raises(NonFiniteScoresError, match="NaNForSample2"):
         MoreauGrad(NaNForSample2(), noise_std=0.0, num_steps=2).attribute(images, TARGET)
 

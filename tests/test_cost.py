@@ -80,20 +80,17 @@ def test_gradient_evaluations_match_a_counting_wrapper(name):
     model = CountingModel(softplus_cnn())
     images, target, seeds = _images(), torch.tensor([0, 1, 3]), torch.tensor([4, 5, 6])
     explainer = build_explainer(name, model, **_settings(name))
-    explainer.attribute(images, target, seeds=seeds)
-    per_sample = explainer.last_sample_gradient_evaluations
+    per_sample = explainer.explain(images, target, seeds=seeds).gradient_evaluations
     second_order = explainer.family == "second_order"
-    assert isinstance(explainer.last_gradient_evaluations, int)
-    assert explainer.last_gradient_evaluations == model.backward_rows > 0
+    assert int(per_sample.sum()) == model.backward_rows > 0
     if not second_order:  # first-order methods: one forward per backward
         assert model.backward_rows == model.rows
     assert per_sample.dtype == torch.long and per_sample.device.type == "cpu" and per_sample.shape == (3,)
-    assert int(per_sample.sum()) == explainer.last_gradient_evaluations
     # Per sample: each sample attributed alone costs what the batch call said it cost.
     for i in range(3):
         model.reset()
-        explainer.attribute(images[i : i + 1], target[i : i + 1], seeds=seeds[i : i + 1])
-        assert explainer.last_gradient_evaluations == per_sample[i]
+        alone = explainer.explain(images[i : i + 1], target[i : i + 1], seeds=seeds[i : i + 1])
+        assert alone.gradient_evaluations.tolist() == [per_sample[i]]
         if not second_order:  # a lone sample fits one chunk, where second-order products reuse their graph
             assert model.rows == per_sample[i]
 
@@ -102,8 +99,8 @@ def test_gradient_evaluations_match_a_counting_wrapper(name):
 def test_differentiable_maps_count_their_rows_too(name):
     model = CountingModel(softplus_cnn())
     explainer = build_explainer(name, model, **_settings(name))
-    explainer.attribute(_images().requires_grad_(True), 1, seeds=torch.tensor([1, 2, 3]), create_graph=True)
-    assert explainer.last_gradient_evaluations == model.rows == int(explainer.last_sample_gradient_evaluations.sum())
+    explanation = explainer.explain(_images().requires_grad_(True), 1, seeds=torch.tensor([1, 2, 3]), create_graph=True)
+    assert int(explanation.gradient_evaluations.sum()) == model.rows
 
 
 class TwoSpeeds(nn.Module):
@@ -118,10 +115,10 @@ def test_moreaugrad_counts_differ_per_sample_when_samples_stop_early():
     model = CountingModel(TwoSpeeds())
     images, target = _images(), torch.tensor([0, 1, 0])
     explainer = MoreauGrad(model, num_steps=500, noise_std=0.0, tol=1e-6)
-    explainer.attribute(images, target)
-    assert torch.equal(explainer.last_sample_gradient_evaluations, explainer.last_iterations)
-    assert explainer.last_sample_gradient_evaluations.unique().numel() > 1
-    assert explainer.last_gradient_evaluations == model.rows
+    explanation = explainer.explain(images, target)
+    assert torch.equal(explanation.gradient_evaluations, explanation.iterations)
+    assert explanation.gradient_evaluations.unique().numel() > 1
+    assert int(explanation.gradient_evaluations.sum()) == model.rows
 
 
 @pytest.mark.parametrize("surrogate_name", ["self", "simple_gradient"])
@@ -131,9 +128,8 @@ def test_attack_counts_match_a_counting_wrapper(name, surrogate_name):
     images, target, seeds = _images(4), torch.tensor([0, 1, 2, 3]), torch.arange(4)
     explainer = build_explainer(name, model, **_settings(name))
     attack = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=3, surrogate=surrogate_name)
-    attack.perturb(images, target, seeds=seeds)
-    per_sample = attack.last_sample_gradient_evaluations
-    assert attack.last_gradient_evaluations == model.rows == int(per_sample.sum())
+    per_sample = attack.run(images, target, seeds=seeds).gradient_evaluations
+    assert model.rows == int(per_sample.sum())
     assert per_sample.dtype == torch.long and per_sample.shape == (4,)
     # num_steps + 1 map evaluations, each the differentiated map's own count.
     rows_per_map = 1 if attack.surrogate_name == "simple_gradient" or name == "simple_gradient" else None
@@ -149,11 +145,9 @@ def test_warm_started_attack_counts_match_a_counting_wrapper():
     model.reset()
     attack = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=4, warm_start=True)
     result = attack.run(images, target, seeds=seeds, initial=clean.solution)
-    assert torch.equal(result.gradient_evaluations, attack.last_sample_gradient_evaluations)
-    assert attack.last_gradient_evaluations == model.rows == int(attack.last_sample_gradient_evaluations.sum())
-    cold = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=4)
-    cold.perturb(images, target, seeds=seeds)
-    assert (attack.last_sample_gradient_evaluations < cold.last_sample_gradient_evaluations).all()
+    assert model.rows == int(result.gradient_evaluations.sum())
+    cold = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=4).run(images, target, seeds=seeds)
+    assert (result.gradient_evaluations < cold.gradient_evaluations).all()
 
 
 def test_gaussian_noise_costs_no_gradient_evaluations():
@@ -179,13 +173,13 @@ def test_warm_start_from_the_exact_solution_takes_one_step(cls):
     exact = _plain(cls, num_steps=2000, tol=1e-13)
     solved = exact.explain(images, target)
     solution = solved.attribution
-    assert (exact.last_iterations < 2000).all()  # it converged
+    assert (solved.iterations < 2000).all()  # it converged
     warm = _plain(cls, num_steps=100, tol=1e-6)
     warm.model = exact.model
-    attributions = warm.attribute(images, target, initial=solved.solution)
-    assert warm.last_iterations.tolist() == [1, 1, 1]
-    assert warm.last_gradient_evaluations == 3
-    torch.testing.assert_close(attributions, solution, rtol=0, atol=1e-10)
+    warm_solved = warm.explain(images, target, initial=solved.solution)
+    assert warm_solved.iterations.tolist() == [1, 1, 1]
+    assert int(warm_solved.gradient_evaluations.sum()) == 3
+    torch.testing.assert_close(warm_solved.attribution, solution, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("cls", [MoreauGrad, SparseMoreauGrad])
@@ -193,12 +187,13 @@ def test_warm_and_cold_solves_agree_to_the_tolerance(cls):
     images, target = _images(dtype=torch.float64), torch.tensor([0, 1, 3])
     explainer = _plain(cls, num_steps=3000, tol=1e-8)
     reference = _plain(cls, num_steps=5000, tol=1e-14).attribute(images, target)
-    cold = explainer.attribute(images, target)
-    cold_steps = explainer.last_iterations.clone()
+    cold_solved = explainer.explain(images, target)
+    cold, cold_steps = cold_solved.attribution, cold_solved.iterations
     # Warm start from the solution at a nearby input, as an attack step provides it.
     nearby = explainer.explain((images + 0.02 * _images(seed=1, dtype=torch.float64)).clamp(0, 1), target)
-    warm = explainer.attribute(images, target, initial=nearby.solution)
-    assert (explainer.last_iterations < cold_steps).all()
+    warm_solved = explainer.explain(images, target, initial=nearby.solution)
+    warm = warm_solved.attribution
+    assert (warm_solved.iterations < cold_steps).all()
     # Both stop within about tol / (1 - contraction) of the solution: step 0.2 with rho 1 contracts by >= 0.8.
     scale = reference.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     for solution in (cold, warm):
@@ -213,7 +208,8 @@ def test_regularised_stopping_rule_is_the_window_mean_rule_of_a_brute_force_loop
     initial = 0.3 * _images(2, seed=3, dtype=torch.float64) - 0.15
     explainer = MoreauGrad(model, rho=rho, step_size=step, num_steps=steps, noise_std=std, noise_samples=copies,
                            tol=tol, tol_window=window, internal_batch_size=5)
-    actual = explainer.attribute(images, target, seeds=seeds, initial=initial)
+    explanation = explainer.explain(images, target, seeds=seeds, initial=initial)
+    actual = explanation.attribution
     for i in range(2):
         d, previous_mean, window_sum, stop = initial[i].clone(), initial[i].clone(), 0, steps
         for t in range(1, steps + 1):
@@ -228,10 +224,10 @@ def test_regularised_stopping_rule_is_the_window_mean_rule_of_a_brute_force_loop
                     stop = t
                     break
                 previous_mean, window_sum = mean, 0
-        assert explainer.last_iterations[i] == stop
+        assert explanation.iterations[i] == stop
         torch.testing.assert_close(actual[i], -d / rho, rtol=0, atol=1e-12)
-    assert (explainer.last_iterations < steps).all() and (explainer.last_iterations % window == 0).all()
-    assert explainer.last_gradient_evaluations == copies * int(explainer.last_iterations.sum())
+    assert (explanation.iterations < steps).all() and (explanation.iterations % window == 0).all()
+    assert int(explanation.gradient_evaluations.sum()) == copies * int(explanation.iterations.sum())
 
 
 def test_regularised_warm_start_at_its_own_solution_stops_after_one_window():
@@ -241,11 +237,9 @@ def test_regularised_warm_start_at_its_own_solution_stops_after_one_window():
     long_run = MoreauGrad(model, num_steps=150, **settings)
     solved = long_run.explain(images, target, seeds=seeds)
     warm = MoreauGrad(model, num_steps=150, tol=0.05, tol_window=5, **settings)
-    warm.attribute(images, target, seeds=seeds, initial=solved.solution)
-    assert warm.last_iterations.tolist() == [5, 5, 5]
+    assert warm.explain(images, target, seeds=seeds, initial=solved.solution).iterations.tolist() == [5, 5, 5]
     cold = MoreauGrad(model, num_steps=150, tol=0.05, tol_window=5, **settings)
-    cold.attribute(images, target, seeds=seeds)
-    assert (cold.last_iterations > 5).all()
+    assert (cold.explain(images, target, seeds=seeds).iterations > 5).all()
 
 
 def test_the_solution_is_the_displacement_behind_the_map():
@@ -253,7 +247,7 @@ def test_the_solution_is_the_displacement_behind_the_map():
     images = _images(dtype=torch.float64)
     explanation = explainer.explain(images, 2)
     torch.testing.assert_close(explanation.solution, -explainer.rho * explanation.attribution, rtol=0, atol=0)
-    assert torch.equal(explanation.gradient_evaluations, explainer.last_sample_gradient_evaluations)
+    assert explanation.gradient_evaluations.tolist() == explanation.iterations.tolist() == [20] * 3  # a row a step
     graph = explainer.explain(images.requires_grad_(True), 2, create_graph=True)
     assert graph.attribution.requires_grad and not graph.solution.requires_grad
 
@@ -275,8 +269,9 @@ def test_warm_started_attack_hands_over_the_solution_at_the_returned_inputs():
     adversarial, moved = result.inputs, result.moved
     assert moved.any()
     handed_over = result.solution
-    attacked = explainer.attribute(adversarial, target, seeds=seeds, initial=handed_over)
-    assert explainer.last_iterations.tolist() == [1] * 4  # it starts at its own solution
+    attacked_solved = explainer.explain(adversarial, target, seeds=seeds, initial=handed_over)
+    attacked = attacked_solved.attribution
+    assert attacked_solved.iterations.tolist() == [1] * 4  # it starts at its own solution
     cold = MoreauGrad(model, step_size=0.2, num_steps=500, noise_std=0.0, tol=1e-12).attribute(adversarial, target)
     torch.testing.assert_close(attacked, cold, rtol=0, atol=1e-7)
     torch.testing.assert_close(-handed_over / explainer.rho, cold, rtol=0, atol=1e-7)
@@ -288,10 +283,10 @@ def test_cold_start_stays_the_default_and_ignores_initial():
     explainer = MoreauGrad(model, num_steps=8, noise_samples=2)
     attack = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=3)
     assert attack.warm_start is False
-    first, _ = attack.perturb(images, target, seeds=seeds)
-    cost = attack.last_gradient_evaluations
+    first = attack.run(images, target, seeds=seeds)
     second = attack.run(images, target, seeds=seeds, initial=torch.ones_like(images))
-    assert torch.equal(first, second.inputs) and attack.last_gradient_evaluations == cost == 3 * 4 * (8 * 2 + 1)
+    assert torch.equal(first.inputs, second.inputs)
+    assert int(first.gradient_evaluations.sum()) == int(second.gradient_evaluations.sum()) == 3 * 4 * (8 * 2 + 1)
     assert second.solution is None
     # Methods without a solver accept the option and are unchanged by it.
     plain = TopKInterpretationAttack(build_explainer("smoothgrad", model, nt_samples=3), 0.5, 3)
@@ -332,10 +327,10 @@ def test_bad_initial_displacement_raises_before_any_model_evaluation(initial, me
 
 def test_bad_attack_warm_start_arguments_raise_clear_errors():
     explainer = MoreauGrad(softplus_cnn(), num_steps=3, noise_samples=2)
-    with pytest.raises(ValueError, match="warm_start. must be True or False"):
+    with pytest.raises(ValueError, match="warm_start must be True or False"):
         TopKInterpretationAttack(explainer, 0.5, warm_start="yes")
     attack = TopKInterpretationAttack(explainer, 0.5, warm_start=True)
-    with pytest.raises(ValueError, match=r"initial. must be a displacement shaped like inputs"):
+    with pytest.raises(ValueError, match=r"initial must be shaped like inputs \(3, 3, 8, 8\)"):
         attack.perturb(_images(), 0, initial=torch.zeros(1, 3, 8, 8))
 
 
@@ -363,4 +358,4 @@ def test_mixed_precision_and_channels_last_stay_close_to_float32(autocast, chann
     error = (attributions - reference).flatten(1).norm(dim=1) / reference.flatten(1).norm(dim=1)
     assert (error < tolerance).all()
     assert autocast is False or (error > 0).any()  # bfloat16 really ran
-    assert explainer.last_gradient_evaluations == 3 * 20 * 4
+    assert int(explanation.gradient_evaluations.sum()) == 3 * 20 * 4

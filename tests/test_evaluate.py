@@ -358,7 +358,8 @@ def test_max_samples_beyond_the_test_set_is_capped_with_a_warning(checkpoint, tm
         (("--model.epsilon", "0"), "epsilon"),
         (("--model.attacks", json.dumps({"topk": {"class_path": "mglightning.attacks.TopKInterpretationAttack",
                                                   "init_args": {"num_steps": 0}}})),
-         "attacks['topk'] on explainers['simple_gradient'] at ε=0.5: `num_steps` must be an int >= 1, got 0"),
+         "attacks['topk'] on explainers['simple_gradient'] at ε=0.5: TopKInterpretationAttack: num_steps must be an "
+         "integer >= 1, got 0"),
         (("--model.epsilon", "-1"), "epsilon"),
         (("--model.run_dir", "elsewhere"), "--model.run_dir 'elsewhere': evaluate.py chooses the run folder"),
     ],

@@ -264,7 +264,7 @@ def test_cost_counts_every_model_row_and_hessian_products_twice(kind, draws):
     finally:
         implicit._ImplicitSystem.vector_jacobian_product = system_vjp
         handle.remove()
-    assert before.tolist() == [40 * 2, 40 * 2] == explainer.last_sample_gradient_evaluations.tolist()
+    assert before.tolist() == [40 * 2, 40 * 2]
     assert rows["solve"] == int(before.sum()) and rows["backward"] > 0
     added = explanation.gradient_evaluations - before
     assert added[1] == 0 and added[0] == 2 * rows["backward"]
@@ -353,7 +353,6 @@ def test_attack_through_the_exact_graph_moves_samples_and_counts_its_cost(kind):
     assert ((result.inputs - images).flatten(1).norm(dim=1) <= 0.5 * (1 + 1e-6)).all()
     # 4 solves of 20 steps, plus 3 backward passes of at least one Hessian-vector product (2 rows) each.
     assert (result.gradient_evaluations >= 4 * 20 + 3 * 2).all()
-    assert int(result.gradient_evaluations.sum()) == exact.last_gradient_evaluations
     surrogate = TopKInterpretationAttack(explainer, epsilon=0.5, num_steps=3).run(images, target)
     assert (surrogate.gradient_evaluations == 4 * (20 + 1)).all()
     # Warm-started, the attack hands back the solution at the returned input, as with the surrogate.

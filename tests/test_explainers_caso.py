@@ -105,12 +105,13 @@ def test_linear_softmax_hessian_is_w_diag_p_minus_ppt_w(linear_problem):
 def test_caso_without_l1_is_the_dense_ridge_solution(linear_problem, step_size):
     model, points, target = linear_problem
     explainer = CASO(model, lambda1=0.0, num_steps=80, step_size=step_size, power_iterations=200)
-    attribution = explainer.attribute(points, target, seeds=torch.arange(4))
+    explanation = explainer.explain(points, target, seeds=torch.arange(4))
+    attribution = explanation.attribution
     gradient, hessian = closed_form(model, points, target)
     sigma_max = torch.linalg.eigvalsh(hessian)[:, -1]
-    torch.testing.assert_close(explainer.last_sigma_max, sigma_max, rtol=1e-6, atol=0)
-    torch.testing.assert_close(explainer.last_lambda2_effective, explainer.last_sigma_max + 4.0)
-    lambda2_eff = explainer.last_sigma_max.view(-1, 1, 1) + 4.0
+    torch.testing.assert_close(explanation.sigma_max, sigma_max, rtol=1e-6, atol=0)
+    torch.testing.assert_close(explanation.lambda2_effective, explanation.sigma_max + 4.0)
+    lambda2_eff = explanation.sigma_max.view(-1, 1, 1) + 4.0
     expected = torch.linalg.solve(lambda2_eff * torch.eye(DIM, dtype=torch.float64) - hessian, gradient)
     torch.testing.assert_close(attribution.flatten(1), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
     # The Hessian matters here: the ridge solution is not a multiple of g.
@@ -122,13 +123,14 @@ def test_caso_with_smoothing_solves_the_mean_hessian_of_the_seeded_copies(linear
     model, points, target = linear_problem
     seeds, copies, std = torch.tensor([5, 6, 7, 8]), 3, 0.3
     explainer = CASO(model, lambda1=0.0, num_steps=80, power_iterations=200, noise_std=std, noise_samples=copies)
-    attribution = explainer.attribute(points, target, seeds=seeds)
+    explanation = explainer.explain(points, target, seeds=seeds)
+    attribution = explanation.attribution
     for i in range(len(points)):
         noise = sample_noise(int(seeds[i]), copies, SHAPE, std, dtype=torch.float64)
         gradient, hessian = closed_form(model, points[i] + noise, target[i].expand(copies))
         gradient, hessian = gradient.mean(0), hessian.mean(0)
         sigma_max = torch.linalg.eigvalsh(hessian)[-1]
-        torch.testing.assert_close(explainer.last_sigma_max[i], sigma_max, rtol=1e-6, atol=0)
+        torch.testing.assert_close(explanation.sigma_max[i], sigma_max, rtol=1e-6, atol=0)
         expected = torch.linalg.solve((sigma_max + 4.0) * torch.eye(DIM, dtype=torch.float64) - hessian, gradient)
         torch.testing.assert_close(attribution[i].flatten(), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
 
@@ -182,9 +184,9 @@ def test_smoothed_cafo_is_the_mean_gradient_over_the_seeded_noise(cnn_problem):
 def test_sigma_max_matches_eigvalsh_of_the_dense_hessian(cnn_problem):
     model, points, target = cnn_problem
     explainer = CASO(model, power_iterations=300, num_steps=1)
-    explainer.attribute(points, target, seeds=torch.tensor([3, 4, 5]))
+    explanation = explainer.explain(points, target, seeds=torch.tensor([3, 4, 5]))
     expected = torch.linalg.eigvalsh(dense_loss_hessians(model, points, target))[:, -1]
-    torch.testing.assert_close(explainer.last_sigma_max, expected, rtol=1e-3, atol=0)
+    torch.testing.assert_close(explanation.sigma_max, expected, rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("group_size", [None, 2])
@@ -197,9 +199,10 @@ def test_caso_satisfies_the_optimality_conditions_of_its_problem(cnn_problem, gr
     size = group_size or 1
     lambda1 = float(gradient.unfold(2, size, size).unfold(3, size, size).square().sum((1, 4, 5)).sqrt().quantile(0.7))
     explainer = CASO(model, lambda1=lambda1, lambda2=0.5, num_steps=300, power_iterations=50, group_size=group_size)
-    delta = explainer.attribute(points, target, seeds=torch.arange(3))
+    explanation = explainer.explain(points, target, seeds=torch.arange(3))
+    delta = explanation.attribution
     hessians = dense_loss_hessians(model, points, target)
-    lambda2_eff = explainer.last_lambda2_effective.view(-1, 1, 1, 1)
+    lambda2_eff = explanation.lambda2_effective.view(-1, 1, 1, 1)
     residual = gradient + torch.einsum("bij,bj->bi", hessians, delta.flatten(1)).view_as(delta) - lambda2_eff * delta
     tolerance = 1e-3 * lambda1
     if group_size is None:
@@ -228,13 +231,12 @@ def test_a_batch_equals_each_sample_alone(cls, noise_std):
     model, images = softplus_cnn(), torch.rand(3, 3, 8, 8)
     target, seeds = torch.tensor([0, 3, 1]), torch.tensor([11, 22, 33])
     explainer = cls(model, noise_std=noise_std, noise_samples=3)
-    together = explainer.attribute(images, target, seeds=seeds)
-    sigma = explainer.last_sigma_max if cls is CASO else None
+    together = explainer.explain(images, target, seeds=seeds)
     for i in range(3):
-        alone = explainer.attribute(images[i : i + 1], target[i : i + 1], seeds=seeds[i : i + 1])
-        torch.testing.assert_close(together[i : i + 1], alone, rtol=0, atol=1e-6)
+        alone = explainer.explain(images[i : i + 1], target[i : i + 1], seeds=seeds[i : i + 1])
+        torch.testing.assert_close(together.attribution[i : i + 1], alone.attribution, rtol=0, atol=1e-6)
         if cls is CASO:
-            torch.testing.assert_close(sigma[i : i + 1], explainer.last_sigma_max, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(together.sigma_max[i : i + 1], alone.sigma_max, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("noise_std", [0.0, 0.1])
@@ -321,22 +323,20 @@ def test_gradient_evaluations_count_an_hvp_as_two_rows(noise_std):
     images, target, seeds = torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 3]), torch.tensor([4, 5, 6])
     copies = 2 if noise_std else 1
     chunked = CASO(model, noise_std=noise_std, noise_samples=2, internal_batch_size=1)
-    chunked.attribute(images, target, seeds=seeds)
-    per_sample = chunked.last_sample_gradient_evaluations
-    assert chunked.last_gradient_evaluations == 2 * model.rows == int(per_sample.sum())
+    per_sample = chunked.explain(images, target, seeds=seeds).gradient_evaluations
+    assert int(per_sample.sum()) == 2 * model.rows
     assert per_sample.dtype == torch.long and per_sample.device.type == "cpu" and per_sample.shape == (3,)
     model.rows_per_call.clear()
     whole = CASO(model, noise_std=noise_std, noise_samples=2, internal_batch_size=None)
-    whole.attribute(images, target, seeds=seeds)
+    whole_cost = whole.explain(images, target, seeds=seeds).gradient_evaluations
     assert model.rows_per_call == [3 * copies]
-    assert torch.equal(whole.last_sample_gradient_evaluations, per_sample)
+    assert torch.equal(whole_cost, per_sample)
     for i in range(3):  # each sample alone costs what the batch call said it cost
-        chunked.attribute(images[i : i + 1], target[i : i + 1], seeds=seeds[i : i + 1])
-        assert per_sample[i] == chunked.last_gradient_evaluations
+        alone = chunked.explain(images[i : i + 1], target[i : i + 1], seeds=seeds[i : i + 1])
+        assert alone.gradient_evaluations.tolist() == [per_sample[i]]
     model.rows_per_call.clear()
     cafo = CAFO(model, noise_std=noise_std, noise_samples=2)
-    cafo.attribute(images, target, seeds=seeds)
-    assert cafo.last_gradient_evaluations == model.rows == 3 * copies
+    assert int(cafo.explain(images, target, seeds=seeds).gradient_evaluations.sum()) == model.rows == 3 * copies
 
 
 def test_registered_with_names_families_and_surrogates():

@@ -128,7 +128,8 @@ def test_regularised_mode_equals_algorithm_1_as_a_per_sample_loop():
     rho, step, steps, copies, std = 1.0, 0.2, 4, 3, 0.1
     explainer = MoreauGrad(model, rho=rho, step_size=step, num_steps=steps, noise_std=std, noise_samples=copies,
                            internal_batch_size=4)
-    actual = explainer.attribute(images, target, seeds=seeds)
+    explanation = explainer.explain(images, target, seeds=seeds)
+    actual = explanation.attribution
     for i in range(2):
         z = images[i].clone()
         for t in range(steps):
@@ -137,8 +138,8 @@ def test_regularised_mode_equals_algorithm_1_as_a_per_sample_loop():
             mean_gradient = torch.autograd.grad(model(noisy)[:, target[i]].sum(), noisy)[0].mean(0)
             z = (1 - step / rho) * z - step * (mean_gradient - images[i] / rho)  # Algorithm 1's update
         torch.testing.assert_close(actual[i], (images[i] - z) / rho, rtol=0, atol=1e-12)
-    assert explainer.last_iterations.tolist() == [steps, steps]
-    assert explainer.last_gradient_evaluations == 2 * steps * copies
+    assert explanation.iterations.tolist() == [steps, steps]
+    assert int(explanation.gradient_evaluations.sum()) == 2 * steps * copies
 
 
 def test_sparsity_grows_monotonically_with_eta():
@@ -177,24 +178,25 @@ def test_tol_stops_each_sample_on_its_own_and_saves_evaluations():
     images = torch.rand(3, 1, 4, 4, dtype=torch.float64)
     target = torch.tensor([0, 1, 0])
     explainer = MoreauGrad(model, step_size=0.1, num_steps=500, noise_std=0.0, tol=1e-6)
-    attributions = explainer.attribute(images, target)
-    iterations = explainer.last_iterations
+    explanation = explainer.explain(images, target)
+    attributions, iterations = explanation.attribution, explanation.iterations
     assert iterations[0] == iterations[2] < iterations[1] < 500
-    assert explainer.last_gradient_evaluations == iterations.sum().item()
+    assert int(explanation.gradient_evaluations.sum()) == iterations.sum().item()
     exact = MoreauGrad(model, step_size=0.1, num_steps=500, noise_std=0.0).attribute(images, target)
     torch.testing.assert_close(attributions, exact, rtol=0, atol=1e-4)
     # Stopping is decided per sample, so a sample alone stops at the same step with the same map.
     alone = MoreauGrad(model, step_size=0.1, num_steps=500, noise_std=0.0, tol=1e-6)
-    torch.testing.assert_close(alone.attribute(images[1:2], target[1:2]), attributions[1:2], rtol=0, atol=1e-12)
-    assert alone.last_iterations.tolist() == [iterations[1].item()]
+    alone_solved = alone.explain(images[1:2], target[1:2])
+    torch.testing.assert_close(alone_solved.attribution, attributions[1:2], rtol=0, atol=1e-12)
+    assert alone_solved.iterations.tolist() == [iterations[1].item()]
 
 
 def test_tol_in_regularised_mode_counts_every_noisy_copy():
     model = softplus_cnn()
     images = torch.rand(2, 3, 8, 8)
     explainer = MoreauGrad(model, num_steps=30, noise_samples=3, noise_std=0.05, tol=0.05)
-    explainer.attribute(images, torch.tensor([1, 2]), seeds=torch.tensor([3, 4]))
-    assert explainer.last_gradient_evaluations == 3 * explainer.last_iterations.sum().item()
+    explanation = explainer.explain(images, torch.tensor([1, 2]), seeds=torch.tensor([3, 4]))
+    assert int(explanation.gradient_evaluations.sum()) == 3 * explanation.iterations.sum().item()
 
 
 def test_accelerate_needs_fewer_steps_for_the_same_solution(closed_form):
@@ -203,8 +205,9 @@ def test_accelerate_needs_fewer_steps_for_the_same_solution(closed_form):
     steps_to_converge = {}
     for accelerate in (False, True):
         explainer = MoreauGrad(model, step_size=0.1, num_steps=1000, noise_std=0.0, tol=1e-8, accelerate=accelerate)
-        torch.testing.assert_close(explainer.attribute(images, 0), expected, rtol=0, atol=1e-5)
-        steps_to_converge[accelerate] = explainer.last_iterations.max().item()
+        explanation = explainer.explain(images, 0)
+        torch.testing.assert_close(explanation.attribution, expected, rtol=0, atol=1e-5)
+        steps_to_converge[accelerate] = explanation.iterations.max().item()
     assert steps_to_converge[True] <= steps_to_converge[False] / 2
 
 
@@ -241,11 +244,11 @@ def test_gradient_evaluations_count_model_rows():
     model = softplus_cnn()
     images = torch.rand(3, 3, 8, 8)
     plain = MoreauGrad(model, num_steps=4, noise_std=0.0)
-    plain.attribute(images, 1)
-    assert plain.last_gradient_evaluations == 3 * 4 and plain.last_iterations.tolist() == [4, 4, 4]
+    solved = plain.explain(images, 1)
+    assert int(solved.gradient_evaluations.sum()) == 3 * 4 and solved.iterations.tolist() == [4, 4, 4]
     regularised = MoreauGrad(model, num_steps=4, noise_samples=5, internal_batch_size=7)
-    regularised.attribute(images, 1, create_graph=True)
-    assert regularised.last_gradient_evaluations == 3 * 4 * 5 + 3  # the surrogate adds one pass
+    graph = regularised.explain(images, 1, create_graph=True)
+    assert int(graph.gradient_evaluations.sum()) == 3 * 4 * 5 + 3  # the surrogate adds one pass
 
 
 def test_no_graph_survives_between_solver_steps():
@@ -309,10 +312,11 @@ def test_target_zero_fraction_of_a_linear_score_is_reached_in_one_round(closed_f
     # quantile of |grad f_c(x)|) is already the answer: one solve, and the map is the closed form at the eta found.
     model, images = closed_form
     explainer = SparseMoreauGrad(model, rho=0.5, step_size=0.1, num_steps=200, noise_std=0.0, target_zero_fraction=0.25)
-    attributions = explainer.attribute(images, 1)
+    explanation = explainer.explain(images, 1)
+    attributions = explanation.attribution
     assert torch.equal(_zero_share(attributions), torch.full((3,), 0.25, dtype=torch.float64))
-    assert explainer.last_sample_gradient_evaluations.tolist() == [1 + 200] * 3  # the gradient at x, one solve
-    eta = float(explainer.last_eta[0])
+    assert explanation.gradient_evaluations.tolist() == [1 + 200] * 3  # the gradient at x, one solve
+    eta = float(explanation.eta[0])
     magnitudes = model.a.abs().sort().values
     assert magnitudes[DIM // 4 - 1] < eta < magnitudes[DIM // 4]  # zeroes the 8 smallest of the 32 entries
     expected = -soft_threshold(-0.5 * model.a, 0.5 * eta).view(1, *SHAPE) / 0.5
@@ -329,19 +333,20 @@ def test_target_zero_fraction_holds_for_every_map_and_the_eta_found_reproduces_i
     if cls is GroupSparseMoreauGrad:
         settings["group_size"] = 2  # 16 groups: the achievable shares are multiples of 1/16
     explainer = cls(model, target_zero_fraction=0.6, **settings)
-    attributions = explainer.attribute(images, target, seeds=seeds)
+    explanation = explainer.explain(images, target, seeds=seeds)
+    attributions = explanation.attribution
     goal = 10 / 16 if cls is GroupSparseMoreauGrad else 0.6  # 0.6 rounds to 10 of 16 groups
     assert ((_zero_share(attributions) - goal).abs() <= explainer.search_tolerance).all()
     # Each sample's eta, given as a fixed eta to that sample alone, gives its map: the search is per sample.
     for i in range(4):
-        fixed = cls(model, eta=float(explainer.last_eta[i]), **settings)
+        fixed = cls(model, eta=float(explanation.eta[i]), **settings)
         alone = fixed.attribute(images[i : i + 1], target[i : i + 1], seeds=seeds[i : i + 1])
         torch.testing.assert_close(alone, attributions[i : i + 1], rtol=0, atol=1e-10)
     # ... and it is the same alone as in the batch.
     alone = cls(model, target_zero_fraction=0.6, **settings)
-    torch.testing.assert_close(alone.attribute(images[2:3], target[2:3], seeds=seeds[2:3]), attributions[2:3],
-                               rtol=0, atol=1e-10)
-    assert alone.last_eta[0] == explainer.last_eta[2]
+    alone_solved = alone.explain(images[2:3], target[2:3], seeds=seeds[2:3])
+    torch.testing.assert_close(alone_solved.attribution, attributions[2:3], rtol=0, atol=1e-10)
+    assert alone_solved.eta[0] == explanation.eta[2]
 
 
 def test_target_search_counts_every_solve_in_gradient_evaluations():
@@ -351,12 +356,12 @@ def test_target_search_counts_every_solve_in_gradient_evaluations():
     images = torch.rand(3, 3, 8, 8)
     explainer = SparseMoreauGrad(model, num_steps=10, noise_samples=3, noise_std=0.05, internal_batch_size=5,
                                  target_zero_fraction=0.7)
-    explainer.attribute(images, torch.tensor([0, 1, 2]), seeds=torch.tensor([0, 1, 2]))
-    assert explainer.last_gradient_evaluations == sum(rows) == int(explainer.last_sample_gradient_evaluations.sum())
+    explanation = explainer.explain(images, torch.tensor([0, 1, 2]), seeds=torch.tensor([0, 1, 2]))
+    assert sum(rows) == int(explanation.gradient_evaluations.sum())
     # Per sample: 1 (the gradient at x) plus steps x copies per round it took part in.
-    rounds = (explainer.last_sample_gradient_evaluations - 1) / (10 * 3)
+    rounds = (explanation.gradient_evaluations - 1) / (10 * 3)
     assert torch.equal(rounds, rounds.round()) and (rounds >= 1).all()
-    assert explainer.last_iterations.tolist() == (10 * rounds).long().tolist()
+    assert explanation.iterations.tolist() == (10 * rounds).long().tolist()
 
 
 def test_group_target_is_rounded_to_whole_groups_and_unreachable_ones_are_refused():
@@ -414,6 +419,6 @@ def test_a_fixed_eta_that_zeroes_whole_maps_warns_once_per_call(recwarn):
     explainer = SparseMoreauGrad(model, num_steps=5, noise_std=0.0, eta=10.0)
     with pytest.warns(UserWarning, match=r"eta=10 zeroes the whole map of 3 of 3 samples.*smaller eta.*"
                                          r"target_zero_fraction") as caught:
-        explainer.attribute(images, target)
+        explanation = explainer.explain(images, target)
     assert len([w for w in caught if "zeroes the whole map" in str(w.message)]) == 1
-    assert explainer.last_eta.tolist() == [10.0] * 3
+    assert explanation.eta.tolist() == [10.0] * 3

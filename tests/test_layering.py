@@ -84,3 +84,12 @@ def test_models_imports_no_higher_layer():
         for target in targets if not target.startswith("mglightning.models")
     }
     assert not upward, f"mglightning/models/ holds plain networks and imports only itself: {sorted(upward)}"
+
+
+def test_checks_is_the_bottom_floor():
+    """`mglightning/checks.py` (the argument checks every subpackage shares) imports nothing from the package, and
+    the explainers, attacks and metrics take their checks from it."""
+    graph = import_graph()
+    assert graph["mglightning.checks"] == set(), sorted(graph["mglightning.checks"])
+    for user in ("mglightning.explainers.base", "mglightning.attacks._common", "mglightning.metrics.fidelity"):
+        assert "mglightning.checks" in graph[user], user

@@ -12,7 +12,7 @@ from torch import nn
 
 import evaluate
 from mglightning.explainers import SimpleGradient
-from mglightning.explainers.gradients import record_gradient_evaluations
+from mglightning.explainers.base import Explanation, sample_counts
 from mglightning.metrics import MapBatch, ModelRandomisation, control_maps, randomised_copy, spearman_correlation
 from mglightning.models.layers import Normalize
 from mglightning.reporting.statistics import control_flag
@@ -25,9 +25,8 @@ class InputMap(SimpleGradient):
     name = "input_map"
     display_name = "Input map"
 
-    def _attribute(self, inputs, target, seeds, create_graph):
-        record_gradient_evaluations(self, len(inputs), 0)
-        return inputs.detach().clone()
+    def _explain(self, inputs, target, seeds, create_graph, initial):
+        return Explanation(inputs.detach().clone(), sample_counts(len(inputs), 0))
 
 
 class NoisyInputMap(SimpleGradient):
@@ -38,11 +37,11 @@ class NoisyInputMap(SimpleGradient):
     display_name = "Noisy input map"
     calls = 0
 
-    def _attribute(self, inputs, target, seeds, create_graph):
-        record_gradient_evaluations(self, len(inputs), 0)
+    def _explain(self, inputs, target, seeds, create_graph, initial):
         NoisyInputMap.calls += 1
         generator = torch.Generator().manual_seed(1000 + NoisyInputMap.calls)
-        return inputs.detach() * torch.randn(inputs.shape, generator=generator)
+        noisy = inputs.detach() * torch.randn(inputs.shape, generator=generator)
+        return Explanation(noisy, sample_counts(len(inputs), 0))
 
 
 class ZeroOnRandomModels(SimpleGradient):
@@ -52,9 +51,11 @@ class ZeroOnRandomModels(SimpleGradient):
     display_name = "Zero on random models"
     trained = None
 
-    def _attribute(self, inputs, target, seeds, create_graph):
-        maps = super()._attribute(inputs, target, seeds, create_graph)
-        return maps if self.model is ZeroOnRandomModels.trained else torch.zeros_like(maps)
+    def _explain(self, inputs, target, seeds, create_graph, initial):
+        explanation = super()._explain(inputs, target, seeds, create_graph, initial)
+        if self.model is ZeroOnRandomModels.trained:
+            return explanation
+        return Explanation(torch.zeros_like(explanation.attribution), explanation.gradient_evaluations)
 
 
 @pytest.mark.filterwarnings("ignore:An input array is constant")

@@ -44,7 +44,7 @@ class GaussianNoise(Attack):
             raise ValueError(
                 f"GaussianNoise takes the explainer under attack (or None), got {type(explainer).__name__}."
             )
-        self.epsilon = check_epsilon(epsilon)
+        self.epsilon = check_epsilon(type(self).__name__, epsilon)
         self.model = explainer.model if explainer is not None else None
 
     def run(
@@ -63,7 +63,7 @@ class GaussianNoise(Attack):
             An :class:`AttackResult` with the noisy inputs and a ``(B,)`` bool tensor, True where the sample
             changed.
         """
-        check_images(inputs)
+        check_images(type(self).__name__, inputs)
         seeds = resolve_seeds(seeds, inputs.shape[0])
         clean = inputs.detach()
         directions = normal(seeds.to(clean.device), clean.shape[1:], stream=Stream.ATTACK, dtype=torch.float64)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from mglightning.attacks._common import check_epsilon, check_images, predict, project_to_ball, resolve_seeds
+from mglightning.checks import check_choice, check_flag, check_number, check_positive_int, check_share
 from mglightning.attacks.base import Attack, AttackResult
 from mglightning.explainers import MoreauGrad, build_explainer
 from mglightning.metrics import topk_count, topk_mask
@@ -102,12 +103,10 @@ class TopKInterpretationAttack(Attack):
     The sign step needs ``D`` to have a gradient: a map that is piecewise constant in the input (the simple
     gradient of a ReLU network) gives a zero step and leaves samples unmoved; attack softplus networks.
 
-    **Cost.** :meth:`run`'s ``gradient_evaluations`` (``(B,)`` long CPU tensor; after each call also in
-    :attr:`last_sample_gradient_evaluations`, and their sum in :attr:`last_gradient_evaluations`) hold the model
-    input rows that the attack's
-    ``num_steps + 1`` map evaluations sent through a forward+backward (the sum of the differentiated explainer's
-    own counts). With ``surrogate="exact"`` that includes the ``num_steps`` backward passes' Hessian-vector
-    products (2 rows per product and noise copy, CG iterations x products), which the explainer's
+    **Cost.** :meth:`run`'s ``gradient_evaluations`` (``(B,)`` long CPU tensor) hold the model input rows that the
+    attack's ``num_steps + 1`` map evaluations sent through a forward+backward (the sum of the differentiated
+    explainer's own counts). With ``surrogate="exact"`` that includes the ``num_steps`` backward passes'
+    Hessian-vector products (2 rows per product and noise copy, CG iterations x products), which the explainer's
     ``Explanation.gradient_evaluations`` receive when the backward runs. Not included: the backward through the
     other differentiated maps (one more pass per row of the map's graph, i.e. per sample for the simple gradient
     and the MoreauGrad surrogate) and the label checks (forward-only, one row per sample and iterate).
@@ -154,8 +153,8 @@ class TopKInterpretationAttack(Attack):
         ...                             torch.nn.Linear(16, 3))
         >>> attack = TopKInterpretationAttack(SimpleGradient(model), epsilon=0.5, num_steps=5)
         >>> inputs = torch.rand(4, 3, 4, 4)
-        >>> adversarial, moved = attack.perturb(inputs, target=model(inputs).argmax(dim=1))
-        >>> adversarial.shape, moved.shape, attack.surrogate_name, attack.last_gradient_evaluations
+        >>> result = attack.run(inputs, target=model(inputs).argmax(dim=1))
+        >>> result.inputs.shape, result.moved.shape, attack.surrogate_name, int(result.gradient_evaluations.sum())
         (torch.Size([4, 3, 4, 4]), torch.Size([4]), 'self', 24)
 
         Warm-started MoreauGrad, clean map and attacked map included (the fast evaluation preset):
@@ -190,35 +189,21 @@ class TopKInterpretationAttack(Attack):
                 f"`explainer` must be an mglightning explainer (see mglightning.explainers.build_explainer); "
                 f"{type(explainer).__name__} lacks {', '.join(missing)}."
             )
-        self.epsilon = check_epsilon(epsilon)
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"`num_steps` must be an int >= 1, got {num_steps!r}.")
+        owner = type(self).__name__
+        self.epsilon = check_epsilon(owner, epsilon)
+        check_positive_int(owner, "num_steps", num_steps)
         if step_size is None:
             step_size = self.epsilon / 100
-        elif (
-            isinstance(step_size, bool)
-            or not isinstance(step_size, (int, float))
-            or not math.isfinite(step_size)
-            or step_size <= 0
-        ):
-            raise ValueError(f"`step_size` must be None (epsilon / 100) or a finite number > 0, got {step_size!r}.")
-        if (
-            isinstance(topk_fraction, bool)
-            or not isinstance(topk_fraction, (int, float))
-            or not 0 < topk_fraction <= 1
-        ):
-            raise ValueError(f"`topk_fraction` must be a number in (0, 1], got {topk_fraction!r}.")
-        if surrogate not in SURROGATE_CHOICES:
-            raise ValueError(f"`surrogate` must be one of {', '.join(SURROGATE_CHOICES)}; got {surrogate!r}.")
-        if not isinstance(warm_start, bool):
-            raise ValueError(f"`warm_start` must be True or False, got {warm_start!r}.")
+        check_number(owner, "step_size", step_size)
+        check_share(owner, "topk_fraction", topk_fraction)
+        check_choice(owner, "surrogate", surrogate, SURROGATE_CHOICES)
+        check_flag(owner, "warm_start", warm_start)
         self.explainer = explainer
         self.model = explainer.model
         self.num_steps = num_steps
         self.step_size = float(step_size)
         self.topk_fraction = float(topk_fraction)
-        if not isinstance(distinct_only, bool):
-            raise ValueError(f"`distinct_only` must be True or False, got {distinct_only!r}.")
+        check_flag(owner, "distinct_only", distinct_only)
         self.distinct_only = distinct_only
         if search_settings is not None and not isinstance(search_settings, Mapping):
             raise ValueError(
@@ -234,8 +219,6 @@ class TopKInterpretationAttack(Attack):
         else:
             self.differentiated_explainer, self.surrogate_name = None, surrogate
         self.warm_start = warm_start
-        self.last_gradient_evaluations: int | None = None
-        self.last_sample_gradient_evaluations: Tensor | None = None
 
     @property
     def applies(self) -> bool:
@@ -271,16 +254,10 @@ class TopKInterpretationAttack(Attack):
                 f"this {self.surrogate_name} attack does not apply to {type(self.explainer).__name__} "
                 "(distinct_only): it is that method's own attack already, or the method has no such map."
             )
-        check_images(inputs)
+        check_images(type(self).__name__, inputs)
         seeds = resolve_seeds(seeds, inputs.shape[0])
         if not self.warm_starts:
-            initial = None
-        elif initial is not None and (not isinstance(initial, Tensor) or initial.shape != inputs.shape):
-            shape = tuple(initial.shape) if isinstance(initial, Tensor) else type(initial).__name__
-            raise ValueError(
-                f"`initial` must be a displacement shaped like inputs {tuple(inputs.shape)} (the clean map's "
-                f"Explanation.solution), got {shape}."
-            )
+            initial = None  # else the differentiated explainer checks it at the first solve
         with torch.enable_grad():
             return self._perturb(inputs.detach().clone(), target, seeds, initial)
 
@@ -309,7 +286,7 @@ class TopKInterpretationAttack(Attack):
         best_objective = torch.full((clean.shape[0],), math.inf, dtype=clean.dtype, device=clean.device)
         moved = torch.zeros(clean.shape[0], dtype=torch.bool, device=clean.device)
         iterate, topk = clean.clone(), None
-        self.last_sample_gradient_evaluations = torch.zeros(clean.shape[0], dtype=torch.long)
+        evaluations = torch.zeros(clean.shape[0], dtype=torch.long)
         best_displacement = None
         for step in range(self.num_steps + 1):
             iterate.requires_grad_(True)
@@ -326,14 +303,13 @@ class TopKInterpretationAttack(Attack):
             if best_displacement is not None:
                 best_displacement[improved] = initial[improved]
             if step == self.num_steps:
-                self.last_sample_gradient_evaluations += cost
+                evaluations += cost
                 break
             gradient = torch.zeros_like(iterate)
             if objective.requires_grad:
                 (step_gradient,) = torch.autograd.grad(objective.sum(), iterate, allow_unused=True)
                 if step_gradient is not None:
                     gradient = step_gradient
-            self.last_sample_gradient_evaluations += cost  # after the backward, which may add to it
+            evaluations += cost  # after the backward, which may add to it
             iterate = project_to_ball(iterate.detach() - self.step_size * gradient.sign(), clean, self.epsilon)
-        self.last_gradient_evaluations = int(self.last_sample_gradient_evaluations.sum())
-        return AttackResult(best, moved, self.last_sample_gradient_evaluations.clone(), best_displacement)
+        return AttackResult(best, moved, evaluations, best_displacement)

@@ -8,7 +8,7 @@ solution for warm starts), and can be built by name with `build_explainer(name, 
 
 from mglightning.explainers.base import SCORES, ClassScore, Explainer, Explanation
 from mglightning.explainers.captum import CaptumExplainer
-from mglightning.explainers.caso import CAFO, CASO
+from mglightning.explainers.caso import CAFO, CASO, CASOExplanation
 from mglightning.explainers.deeplift import DeepLift
 from mglightning.explainers.gradients import (
     IntegratedGradients,
@@ -24,7 +24,8 @@ from mglightning.explainers.hessian import (
     largest_eigenvalue,
     smallest_eigenvalue,
 )
-from mglightning.explainers.moreaugrad import GroupSparseMoreauGrad, MoreauGrad, SparseMoreauGrad, moreau_surrogate
+from mglightning.explainers.implicit import moreau_surrogate
+from mglightning.explainers.moreaugrad import GroupSparseMoreauGrad, MoreauExplanation, MoreauGrad, SparseMoreauGrad
 from mglightning.explainers.prox import group_norms, group_soft_threshold, soft_threshold
 from mglightning.explainers.registry import EXPLAINERS, build_explainer, explainer_settings, list_explainers
 from mglightning.explainers.relex import RelEx
@@ -32,6 +33,7 @@ from mglightning.explainers.relex import RelEx
 __all__ = [
     "CAFO",
     "CASO",
+    "CASOExplanation",
     "EXPLAINERS",
     "CaptumExplainer",
     "SCORES",
@@ -43,6 +45,7 @@ __all__ = [
     "GroupSparseMoreauGrad",
     "HessianOperator",
     "IntegratedGradients",
+    "MoreauExplanation",
     "MoreauGrad",
     "RelEx",
     "SimpleGradient",

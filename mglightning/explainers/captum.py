@@ -14,7 +14,9 @@ import torch
 from captum import attr as captum_attr
 from torch import Tensor, nn
 
-from mglightning.explainers.base import Explainer, check_internal_batch_size, check_scores_shape, chunk_ranges
+from mglightning.checks import check_internal_batch_size
+from mglightning.explainers.base import Explainer, Explanation, check_scores_shape
+from mglightning.explainers.batching import chunk_ranges
 
 # Methods that draw random numbers from the global generators (torch's, numpy's or Python's), by class name; a
 # subclass of one counts too.
@@ -65,7 +67,7 @@ class CaptumExplainer(Explainer):
     input factor only, which is not the map's derivative): `supports_create_graph` is False and an attack uses the
     simple gradient.
 
-    **Cost.** `last_sample_gradient_evaluations` counts the model input rows of every forward pass a call runs,
+    **Cost.** `Explanation.gradient_evaluations` counts the model input rows of every forward pass a call runs,
     measured by a hook on the model (a chunk's rows shared equally by its samples). For gradient and propagation
     methods each row is one forward+backward, the same unit as the other explainers; for perturbation methods
     (`Occlusion`, `FeatureAblation`, `ShapleyValueSampling`, `KernelShap`, `Lime`) the rows are forward passes
@@ -154,7 +156,9 @@ class CaptumExplainer(Explainer):
             if overlap:
                 raise ValueError(f"{owner}: {', '.join(overlap)} given in both noise_tunnel and attribute_args.")
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
         network = self.model
         if self.score == "softmax":
             network = nn.Sequential(self.model, nn.Softmax(dim=1))
@@ -188,9 +192,7 @@ class CaptumExplainer(Explainer):
                 counts[start:stop] = _shared(rows.rows - before, stop - start)
         finally:
             handle.remove()
-        self.last_sample_gradient_evaluations = counts
-        self.last_gradient_evaluations = int(counts.sum())
-        return torch.cat(maps)
+        return Explanation(torch.cat(maps), counts)
 
     def _call_arguments(self, points: Tensor) -> dict[str, Any]:
         """`attribute`'s keyword arguments for one chunk: the settings with their YAML values made Captum's, and the

@@ -23,24 +23,33 @@ other explainers keep. Metrics and pictures use magnitudes, which the sign does 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
-from mglightning.explainers.base import (
-    Explainer,
-    InternalBatchSize,
-    check_internal_batch_size,
-    check_number,
-    check_positive_int,
-    graph_inputs,
-    sum_noisy_gradients,
-)
+from mglightning.checks import check_internal_batch_size, check_number, check_positive_int
+from mglightning.explainers.base import Explainer, Explanation, graph_inputs, sample_counts, sum_noisy_gradients
+from mglightning.explainers.batching import InternalBatchSize
 from mglightning.explainers.hessian import ClassCrossEntropy, HessianOperator
 from mglightning.explainers.prox import check_group_size, group_soft_threshold, soft_threshold
 
 # Halvings of a sample's step before its line search gives up and takes the (then negligible) step anyway;
 # only a NaN curvature can get there, since the test always holds for small enough steps.
 _MAX_BACKTRACKS = 40
+
+
+@dataclass(frozen=True)
+class CASOExplanation(Explanation):
+    """What a `CASO.explain` call returns: the `Explanation` and the curvature it used.
+
+    Attributes:
+        sigma_max: `(B,)` CPU tensor, each sample's largest Hessian eigenvalue (power iteration).
+        lambda2_effective: `(B,)` CPU tensor, the L2 weight used, `sigma_max + lambda2`.
+    """
+
+    sigma_max: Tensor | None = None
+    lambda2_effective: Tensor | None = None
 
 
 class _SecondOrderBase(Explainer):
@@ -79,8 +88,6 @@ class _SecondOrderBase(Explainer):
         self.noise_std = noise_std
         self.noise_samples = noise_samples
         self.internal_batch_size = internal_batch_size
-        self.last_gradient_evaluations: int | None = None
-        self.last_sample_gradient_evaluations: Tensor | None = None
 
     @property
     def copies(self) -> int:
@@ -89,10 +96,7 @@ class _SecondOrderBase(Explainer):
 
     def check_input_shape(self, shape: torch.Size) -> None:
         if self.group_size is not None:
-            try:
-                check_group_size(shape, self.group_size)
-            except ValueError as error:
-                raise ValueError(f"{type(self).__name__}: {error}") from None
+            check_group_size(shape, self.group_size, type(self).__name__)
 
     def _prox(self, values: Tensor, thresholds: Tensor) -> Tensor:
         """The proximal operator of `thresholds[i] * R` on each sample's `values[i]`.
@@ -116,8 +120,7 @@ class CAFO(_SecondOrderBase):
     soft threshold over `group_size x group_size` blocks across channels. The map raises the loss (see the
     module docstring for the sign) and is differentiable (`create_graph=True`) at the cost of one gradient.
 
-    After each call: `last_gradient_evaluations` / `last_sample_gradient_evaluations` (one model input row per
-    noisy copy).
+    Its `Explanation.gradient_evaluations`: one model input row per noisy copy.
 
     Args:
         model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
@@ -157,7 +160,9 @@ class CAFO(_SecondOrderBase):
     def uses_noise(self) -> bool:
         return self.noise_std > 0
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
         points = graph_inputs(inputs) if create_graph else inputs.detach()
         batch = inputs.shape[0]
         loss = ClassCrossEntropy(self.model, target)
@@ -171,10 +176,9 @@ class CAFO(_SecondOrderBase):
             chunk_size=self._rows_per_pass(loss, inputs),
             create_graph=create_graph,
         )
-        self.last_sample_gradient_evaluations = torch.full((batch,), self.copies, dtype=torch.long)
-        self.last_gradient_evaluations = batch * self.copies
         thresholds = torch.full((batch,), float(self.lambda1), dtype=inputs.dtype, device=inputs.device)
-        return self._prox(summed / self.copies, thresholds) / self.lambda2
+        attribution = self._prox(summed / self.copies, thresholds) / self.lambda2
+        return Explanation(attribution, sample_counts(batch, self.copies))
 
 
 class CASO(_SecondOrderBase):
@@ -195,9 +199,9 @@ class CASO(_SecondOrderBase):
     Its map is not differentiable at a reasonable cost (it would take third derivatives through every step), so
     an interpretation attack differentiates the declared surrogate, the simple gradient.
 
-    After each call: `last_sigma_max` (`(B,)` CPU tensor), `last_lambda2_effective` (`sigma_max + lambda2`) and
-    `last_gradient_evaluations` / `last_sample_gradient_evaluations` (model input rows through a forward+backward,
-    a Hessian-vector product counted as 2 rows per noisy copy; the gradient comes with the first product).
+    `explain` returns a `CASOExplanation`: with the map, `sigma_max` and `lambda2_effective` (`sigma_max + lambda2`),
+    `(B,)` CPU tensors, and `gradient_evaluations` (model input rows through a forward+backward, a Hessian-vector
+    product counted as 2 rows per noisy copy; the gradient comes with the first product).
 
     Args:
         model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
@@ -219,8 +223,8 @@ class CASO(_SecondOrderBase):
 
     Example:
         >>> explainer = CASO(model, lambda1=1e-3, num_steps=20)
-        >>> attr = explainer.attribute(images, target=labels, seeds=torch.arange(len(images)))
-        >>> explainer.last_sigma_max                 # (B,) largest Hessian eigenvalue per sample
+        >>> explanation = explainer.explain(images, target=labels, seeds=torch.arange(len(images)))
+        >>> explanation.attribution, explanation.sigma_max   # the maps, each sample's largest Hessian eigenvalue
     """
 
     name = "caso"
@@ -250,14 +254,14 @@ class CASO(_SecondOrderBase):
         self.num_steps = num_steps
         self.step_size = step_size
         self.power_iterations = power_iterations
-        self.last_sigma_max: Tensor | None = None
-        self.last_lambda2_effective: Tensor | None = None
 
     @property
     def uses_noise(self) -> bool:
         return True  # the power iteration's starting vectors are random even without smoothing
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> CASOExplanation:
         loss = ClassCrossEntropy(self.model, target)
         operator = HessianOperator(
             loss,
@@ -270,11 +274,12 @@ class CASO(_SecondOrderBase):
         estimate = operator.largest_eigenvalue(self.power_iterations, seeds)
         lambda2_eff = estimate.values + self.lambda2
         delta = self._fista(operator, operator.gradient(), lambda2_eff)
-        self.last_sigma_max = estimate.values.cpu()
-        self.last_lambda2_effective = lambda2_eff.cpu()
-        self.last_sample_gradient_evaluations = operator.sample_gradient_evaluations
-        self.last_gradient_evaluations = int(operator.sample_gradient_evaluations.sum())
-        return delta
+        return CASOExplanation(
+            delta,
+            operator.sample_gradient_evaluations,
+            sigma_max=estimate.values.cpu(),
+            lambda2_effective=lambda2_eff.cpu(),
+        )
 
     def _fista(self, operator: HessianOperator, gradient: Tensor, lambda2_eff: Tensor) -> Tensor:
         """Minimise `q(d) + lambda1 R(d)`, `q(d) = -g.d - d.Hd / 2 + lambda2_eff ||d||^2 / 2`, per sample.

@@ -7,8 +7,7 @@ import warnings
 from captum.attr import DeepLift as CaptumDeepLift
 from torch import Tensor, nn
 
-from mglightning.explainers.base import Explainer, check_scores_shape
-from mglightning.explainers.gradients import record_gradient_evaluations
+from mglightning.explainers.base import Explainer, Explanation, check_scores_shape, sample_counts
 
 
 class DeepLift(Explainer):
@@ -34,7 +33,9 @@ class DeepLift(Explainer):
     supports_create_graph = False
     surrogate = "simple_gradient"
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
         layers = [self.model, _TargetRangeCheck(int(target.max()))]
         if self.score == "softmax":
             layers.append(nn.Softmax(dim=1))
@@ -47,8 +48,7 @@ class DeepLift(Explainer):
             inputs = inputs.detach().clone().requires_grad_(True)
             attributions = CaptumDeepLift(network).attribute(inputs, target=target)
         # Captum runs one forward+backward on the inputs and their baselines, concatenated.
-        record_gradient_evaluations(self, inputs.shape[0], 2)
-        return attributions.detach()
+        return Explanation(attributions.detach(), sample_counts(inputs.shape[0], 2))
 
 
 class _TargetRangeCheck(nn.Module):

@@ -24,10 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mglightning.explainers.base import (
-    SCORES,
-    ClassScore,
-    InternalBatchSize,
+from mglightning.checks import (
+    check_choice,
     check_inputs,
     check_internal_batch_size,
     check_number,
@@ -35,6 +33,8 @@ from mglightning.explainers.base import (
     format_seeds,
     format_target,
 )
+from mglightning.explainers.base import SCORES, ClassScore
+from mglightning.explainers.batching import InternalBatchSize
 from mglightning.explainers.hessian import HessianOperator
 
 
@@ -145,8 +145,7 @@ def local_convexity(
     if epsilon is not None:
         check_number(owner, "epsilon", epsilon, positive=False)
     check_positive_int(owner, "num_iterations", num_iterations)
-    if score not in SCORES:
-        raise ValueError(f"{owner}: score must be one of {SCORES}, got {score!r}.")
+    check_choice(owner, "score", score, SCORES)
     check_number(owner, "noise_std", noise_std, positive=False)
     check_positive_int(owner, "noise_samples", noise_samples)
     check_internal_batch_size(owner, internal_batch_size)

@@ -5,29 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mglightning.explainers.base import (
-    Explainer,
-    InternalBatchSize,
-    check_internal_batch_size,
-    check_number,
-    check_positive_int,
-    chunk_ranges,
-    graph_inputs,
-    sum_noisy_gradients,
-)
-
-
-def record_gradient_evaluations(explainer: Explainer, batch: int, per_sample: int) -> None:
-    """Set `explainer.last_gradient_evaluations` (int) and `last_sample_gradient_evaluations` (`(B,)` long, CPU)
-    for a call that sent `per_sample` model input rows of each of its `batch` samples through a forward+backward.
-
-    Example:
-        >>> record_gradient_evaluations(explainer, batch=4, per_sample=50)   # e.g. SmoothGrad, nt_samples=50
-        >>> explainer.last_gradient_evaluations
-        200
-    """
-    explainer.last_sample_gradient_evaluations = torch.full((batch,), per_sample, dtype=torch.long)
-    explainer.last_gradient_evaluations = batch * per_sample
+from mglightning.checks import check_internal_batch_size, check_number, check_positive_int, check_share
+from mglightning.explainers.base import Explainer, Explanation, graph_inputs, sample_counts, sum_noisy_gradients
+from mglightning.explainers.batching import InternalBatchSize, chunk_ranges
 
 
 class SimpleGradient(Explainer):
@@ -45,10 +25,12 @@ class SimpleGradient(Explainer):
     display_name = "Simple gradient"
     family = "gradient"
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
         points = graph_inputs(inputs) if create_graph else inputs
-        record_gradient_evaluations(self, inputs.shape[0], 1)
-        return self._objective(target).gradient(points, create_graph=create_graph)
+        attribution = self._objective(target).gradient(points, create_graph=create_graph)
+        return Explanation(attribution, sample_counts(inputs.shape[0], 1))
 
 
 class IntegratedGradients(Explainer):
@@ -82,7 +64,9 @@ class IntegratedGradients(Explainer):
         self.n_steps = n_steps
         self.internal_batch_size = internal_batch_size
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
         objective = self._objective(target)
         inputs = graph_inputs(inputs) if create_graph else inputs.detach()
         steps = self.n_steps
@@ -96,8 +80,7 @@ class IntegratedGradients(Explainer):
             points = alphas.view(-1, 1, 1, 1) * inputs[sample_index]
             gradients = objective.gradient(points, sample_index, create_graph=create_graph)
             summed = summed.index_add(0, sample_index, gradients)
-        record_gradient_evaluations(self, inputs.shape[0], steps)
-        return inputs * summed / steps
+        return Explanation(inputs * summed / steps, sample_counts(inputs.shape[0], steps))
 
 
 class SmoothGrad(Explainer):
@@ -143,7 +126,10 @@ class SmoothGrad(Explainer):
     def uses_noise(self) -> bool:
         return True
 
-    def _noisy_mean(self, inputs: Tensor, target: Tensor, seeds: Tensor, create_graph: bool, transform=None) -> Tensor:
+    def _noisy_mean(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor, create_graph: bool, transform=None
+    ) -> Explanation:
+        """The mean of `transform(grad f_c)` over the `nt_samples` noisy copies of each sample."""
         inputs = graph_inputs(inputs) if create_graph else inputs.detach()
         objective = self._objective(target)
         summed = sum_noisy_gradients(
@@ -157,10 +143,11 @@ class SmoothGrad(Explainer):
             create_graph=create_graph,
             transform=transform,
         )
-        record_gradient_evaluations(self, inputs.shape[0], self.nt_samples)
-        return summed / self.nt_samples
+        return Explanation(summed / self.nt_samples, sample_counts(inputs.shape[0], self.nt_samples))
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
         return self._noisy_mean(inputs, target, seeds, create_graph)
 
 
@@ -223,14 +210,14 @@ class SparsifiedSmoothGrad(SmoothGrad):
     ) -> None:
         super().__init__(model, stdevs, nt_samples, internal_batch_size, score)
         owner = type(self).__name__
-        for name, share in (("flatten", flatten), ("l0", l0)):
-            check_number(owner, name, share)
-            if share > 1:
-                raise ValueError(f"{owner}: {name} is a share of the entries in (0, 1], got {share}.")
+        check_share(owner, "flatten", flatten)
+        check_share(owner, "l0", l0)
         self.flatten = flatten
         self.l0 = l0
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
         return self._noisy_mean(
             inputs, target, seeds, create_graph, transform=lambda g: sparsify_magnitudes(g, self.flatten, self.l0)
         )

@@ -28,16 +28,9 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from mglightning.explainers.base import (
-    ClassScore,
-    InternalBatchSize,
-    check_internal_batch_size,
-    check_number,
-    check_positive_int,
-    chunk_ranges,
-    format_seeds,
-    resolve_internal_batch_size,
-)
+from mglightning.checks import check_internal_batch_size, check_number, check_positive_int, format_seeds
+from mglightning.explainers.base import ClassScore
+from mglightning.explainers.batching import InternalBatchSize, chunk_ranges, resolve_internal_batch_size
 from mglightning.random import Stream, normal, uniform
 
 ScalarFunction = Callable[[Tensor, Tensor], Tensor]

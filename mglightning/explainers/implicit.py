@@ -1,5 +1,6 @@
-"""The implicit derivative of the MoreauGrad maps with respect to the input (the `exact` graph and attack; docs/reference/semantics.md
-section 3): exact for plain MoreauGrad up to the CG tolerance, an estimate in regularised mode (its Hessian is
+"""The differentiable MoreauGrad maps of `create_graph=True` (docs/reference/semantics.md section 3): the official code's
+stand-in (`moreau_surrogate`), and the implicit derivative of the map itself with respect to the input (the `exact`
+graph and attack): exact for plain MoreauGrad up to the CG tolerance, an estimate in regularised mode (its Hessian is
 averaged over a finite number of noise draws).
 
 The solver returns the displacement `d = z* - x` and the map `A(x) = -d / rho`. The interpretation attack needs
@@ -69,9 +70,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from mglightning.checks import check_inputs, format_target
 from mglightning.explainers.base import ClassScore, Explainer, graph_inputs
 from mglightning.explainers.hessian import HessianOperator
 from mglightning.explainers.prox import check_group_size
@@ -295,6 +297,41 @@ class _ExactMoreauMap(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None]:
         return ctx.system.vector_jacobian_product(grad_output), None, None
+
+
+def moreau_surrogate(
+    model: nn.Module, inputs: Tensor, displacement: Tensor, target: int | Tensor, score: str = "logit"
+) -> Tensor:
+    """The differentiable stand-in for a MoreauGrad map that the interpretation attack uses (docs/reference/semantics.md section 3).
+
+    `1[d != 0] * |grad f_c(x + d)|` with the graph to `inputs` kept, for a displacement `d = z* - x` that was
+    solved without a graph and is held fixed here (as in the official code). `attribute(..., create_graph=True)`
+    of the MoreauGrad family returns exactly this with its own `d` under the default `graph="surrogate"`
+    (`graph="exact"` returns the map itself with its implicit derivative instead).
+
+    Args:
+        model: the classifier.
+        inputs: `(B, C, H, W)` images; the result is differentiable with respect to them when they require grad.
+        displacement: `(B, C, H, W)` displacement `d`, treated as a constant.
+        target: an int or a `(B,)` long tensor.
+        score: `logit` (default), `log_softmax` or `softmax`.
+
+    Example:
+        >>> explainer = MoreauGrad(model, noise_std=0.0)
+        >>> d = -explainer.rho * explainer.attribute(x, target)
+        >>> surrogate = moreau_surrogate(model, x.requires_grad_(), d, target)
+        >>> # the same as explainer.attribute(x, target, create_graph=True)
+    """
+    check_inputs(inputs)
+    if displacement.shape != inputs.shape:
+        raise ValueError(
+            f"displacement must be shaped like inputs {tuple(inputs.shape)}, got {tuple(displacement.shape)}."
+        )
+    target = format_target(target, inputs)
+    displacement = displacement.detach()
+    with torch.enable_grad():
+        gradient = ClassScore(model, score, target).gradient(graph_inputs(inputs) + displacement, create_graph=True)
+    return (displacement != 0) * gradient.abs()
 
 
 def exact_moreau_map(

@@ -8,79 +8,35 @@ by proximal gradient descent on the displacement `d = z - x` (`R = 0`, `||.||_1`
 and return `(x - z*) / rho`, which for `R = 0` is the gradient of the Moreau envelope and tends to the simple
 gradient as `rho -> 0`. (The paper's Algorithm 1 and the official code return the opposite sign; the official
 code also returns `z* - x` without dividing by `rho`. Same magnitudes.)
+
+MoreauGrad declares the family's shared settings once; the sparse variants take them through `**settings` and add
+their penalty's. The solver itself is in `mglightning.explainers.moreau_solver`, the differentiable maps of
+`create_graph=True` in `mglightning.explainers.implicit`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import ClassVar
+from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from mglightning.explainers.base import (
-    ClassScore,
-    Explainer,
-    Explanation,
-    InternalBatchSize,
-    check_inputs,
-    check_internal_batch_size,
-    check_number,
-    check_positive_int,
-    format_target,
-    graph_inputs,
-    sum_noisy_gradients,
-)
-from mglightning.explainers.implicit import (
-    PenaltyLinearisation,
-    exact_moreau_map,
-    group_soft_threshold_linearisation,
-    soft_threshold_linearisation,
+from mglightning.checks import check_choice, check_flag, check_internal_batch_size, check_number, check_positive_int
+from mglightning.explainers.base import Explainer
+from mglightning.explainers.batching import InternalBatchSize
+from mglightning.explainers.implicit import PenaltyLinearisation, exact_moreau_map, moreau_surrogate
+from mglightning.explainers.implicit import group_soft_threshold_linearisation, soft_threshold_linearisation
+from mglightning.explainers.moreau_solver import (
+    MoreauExplanation, SolverResult, proximal_gradient, search_zero_fraction,
 )
 from mglightning.explainers.prox import (
-    check_group_size,
-    group_norms,
-    unchecked_group_soft_threshold,
-    unchecked_soft_threshold,
+    check_group_size, group_norms, unchecked_group_soft_threshold, unchecked_soft_threshold,
 )
 
 GRAPHS = ("surrogate", "exact")
-
-
-def moreau_surrogate(
-    model: nn.Module, inputs: Tensor, displacement: Tensor, target: int | Tensor, score: str = "logit"
-) -> Tensor:
-    """The differentiable stand-in for a MoreauGrad map that the interpretation attack uses (docs/reference/semantics.md section 3).
-
-    `1[d != 0] * |grad f_c(x + d)|` with the graph to `inputs` kept, for a displacement `d = z* - x` that was
-    solved without a graph and is held fixed here (as in the official code). `attribute(..., create_graph=True)`
-    of the MoreauGrad family returns exactly this with its own `d` under the default `graph="surrogate"`
-    (`graph="exact"` returns the map itself with its implicit derivative instead).
-
-    Args:
-        model: the classifier.
-        inputs: `(B, C, H, W)` images; the result is differentiable with respect to them when they require grad.
-        displacement: `(B, C, H, W)` displacement `d`, treated as a constant.
-        target: an int or a `(B,)` long tensor.
-        score: `logit` (default), `log_softmax` or `softmax`.
-
-    Example:
-        >>> explainer = MoreauGrad(model, noise_std=0.0)
-        >>> d = -explainer.rho * explainer.attribute(x, target)
-        >>> surrogate = moreau_surrogate(model, x.requires_grad_(), d, target)
-        >>> # the same as explainer.attribute(x, target, create_graph=True)
-    """
-    check_inputs(inputs)
-    if displacement.shape != inputs.shape:
-        raise ValueError(
-            f"displacement must be shaped like inputs {tuple(inputs.shape)}, got {tuple(displacement.shape)}."
-        )
-    target = format_target(target, inputs)
-    displacement = displacement.detach()
-    with torch.enable_grad():
-        gradient = ClassScore(model, score, target).gradient(graph_inputs(inputs) + displacement, create_graph=True)
-    return (displacement != 0) * gradient.abs()
 
 
 class MoreauGrad(Explainer):
@@ -100,15 +56,10 @@ class MoreauGrad(Explainer):
       `attribute(..., initial=d_0)` / `explain(..., initial=d_0)` starts sample `i` from `z_0 = x + d_0[i]`
       instead of `x` (e.g. the solution of a solve at a nearby input); the solution does not depend on the
       start, only the steps needed to reach it.
-    - **Early stopping** (`tol`): the iterates are grouped in windows of `W` consecutive steps (`W = tol_window`
-      in regularised mode, `W = 1` in plain mode) and `m_k` is the mean displacement `d = z - x` over window `k`;
-      `m_0` is the starting displacement (0, or `initial`). A sample has converged after window `k` when
-      `||m_k - m_{k-1}|| <= tol * ||m_k||`, and then costs no more model evaluations. In plain mode this is "a
-      step moved `d` by less than `tol * ||d||`"; in regularised mode the fresh noise moves every single step,
-      and the window means average that jitter out, so `tol` must lie above the jitter of the window means
-      (about 1% for 2 noise copies and `W = 10` on the digits ResNet; it falls with more copies). A warm start at
-      the solution stops after one window (one step in plain mode). The map is still the last iterate's, as in
-      Algorithm 1; the windows only decide when to stop.
+    - **Early stopping** (`tol`): a sample stops once the mean of `d` over a window of `tol_window` steps (single
+      steps in plain mode) moves by at most `tol` times its norm (`moreau_solver.proximal_gradient` states the
+      rule; `tol` must lie above the noise's jitter of the window means). A warm start at the solution stops
+      after one window. The map is still the last iterate's, as in Algorithm 1.
     - **FISTA momentum** (`accelerate=True`, with adaptive restart) on the same proximal steps. It pays in plain
       mode; in regularised mode the momentum carries the noise along and `tol` rarely triggers (measured in
       docs/background/benchmarks.md), so leave it off there.
@@ -125,12 +76,11 @@ class MoreauGrad(Explainer):
       `noise_samples`): an estimate. The default `graph="surrogate"` is the official code's stand-in
       (`moreau_surrogate`), the paper's procedure.
 
-    After each call: `last_iterations` (`(B,)` long tensor), and
-    `last_gradient_evaluations` / `last_sample_gradient_evaluations` (model input rows through a
-    forward+backward, in total and per sample as a `(B,)` long CPU tensor: steps x noise copies, plus one row for
-    the surrogate differentiable map). With the exact graph the map itself costs nothing more, and its backward
-    pass adds 2 x `graph_noise_samples` (2 in plain mode) per CG iteration and sample to the
-    `Explanation.gradient_evaluations` of the call when it runs (not to the `last_*` attributes).
+    `explain` returns a `MoreauExplanation`: the map, the solution `d`, `iterations` (`(B,)` long CPU tensor) and
+    `gradient_evaluations` (model input rows through a forward+backward per sample, a `(B,)` long CPU tensor:
+    steps x noise copies, plus one row for the surrogate differentiable map). With the exact graph the map itself
+    costs nothing more, and its backward pass adds 2 x `graph_noise_samples` (2 in plain mode) per CG iteration
+    and sample to the call's `gradient_evaluations` when it runs.
 
     Args:
         model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
@@ -164,10 +114,10 @@ class MoreauGrad(Explainer):
     Example:
         >>> explainer = MoreauGrad(model, rho=1.0, step_size=0.1, num_steps=300, tol=1e-2)
         >>> attr = explainer.attribute(images, target=labels, seeds=torch.arange(len(images)))
-        >>> explainer.last_iterations            # e.g. tensor([120, 90, ...])
-        >>> solved = explainer.explain(images, labels, seeds=torch.arange(len(images)))
+        >>> explanation = explainer.explain(images, labels, seeds=torch.arange(len(images)))
+        >>> explanation.iterations            # e.g. tensor([120, 90, ...])
         >>> nearby = explainer.attribute(images + 1e-3, labels, seeds=torch.arange(len(images)),
-        ...                              initial=solved.solution)   # fewer steps
+        ...                              initial=explanation.solution)   # fewer steps
     """
 
     name = "moreaugrad"
@@ -220,10 +170,8 @@ class MoreauGrad(Explainer):
                 )
         check_positive_int(owner, "tol_window", tol_window)
         for flag, value in (("accelerate", accelerate), ("autocast", autocast), ("channels_last", channels_last)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{owner}: {flag} must be True or False, got {value!r}.")
-        if graph not in GRAPHS:
-            raise ValueError(f"{owner}: graph must be one of {GRAPHS}, got {graph!r}.")
+            check_flag(owner, flag, value)
+        check_choice(owner, "graph", graph, GRAPHS)
         check_number(owner, "graph_tol", graph_tol)
         check_positive_int(owner, "graph_max_iter", graph_max_iter)
         if graph_noise_samples is not None:
@@ -244,9 +192,6 @@ class MoreauGrad(Explainer):
         self.graph_tol = graph_tol
         self.graph_max_iter = graph_max_iter
         self.graph_noise_samples = graph_noise_samples
-        self.last_iterations: Tensor | None = None
-        self.last_gradient_evaluations: int | None = None
-        self.last_sample_gradient_evaluations: Tensor | None = None
 
     @property
     def uses_noise(self) -> bool:
@@ -260,175 +205,58 @@ class MoreauGrad(Explainer):
         """The prox's linearisation at a solution, for the exact graph (`mglightning.explainers.implicit`); none."""
         return PenaltyLinearisation()
 
-    def _check_shape(self, inputs: Tensor) -> None:
-        """Hook for settings that constrain the image shape."""
-
     def _explain(
         self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
-    ) -> Explanation:
-        self._check_shape(inputs)
-        displacement = self._solve(inputs.detach(), target, seeds, initial)
+    ) -> MoreauExplanation:
+        solved = self._solve(inputs.detach(), target, seeds, initial)
+        displacement, counts = solved.displacement, solved.gradient_evaluations.clone()
         if not create_graph:
             attribution = -displacement / self.rho
         elif self.graph == "exact":
-            # The backward pass adds its Hessian-vector products to this count when it runs.
-            counts = self.last_sample_gradient_evaluations.clone()
+            # The backward pass adds its Hessian-vector products to `counts` when it runs.
             attribution = exact_moreau_map(self, inputs, displacement, target, seeds, counts)
-            return Explanation(attribution, counts, displacement)
         else:
-            # The differentiable map is one more forward+backward per sample.
-            self.last_sample_gradient_evaluations += 1
-            self.last_gradient_evaluations += inputs.shape[0]
+            counts += 1  # the differentiable map is one more forward+backward per sample
             attribution = moreau_surrogate(self.model, inputs, displacement, target, self.score)
-        return Explanation(attribution, self.last_sample_gradient_evaluations.clone(), displacement)
-
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
-        return self._explain(inputs, target, seeds, create_graph, None).attribution
-
-    def _mean_gradient(
-        self, points: Tensor, sample_ids: Tensor, objective: ClassScore, seeds: Tensor | None, step: int,
-        chunk_size: int | None,
-    ) -> Tensor:
-        copies = self.noise_samples if seeds is not None else 1
-        summed = sum_noisy_gradients(
-            objective,
-            points,
-            sample_ids,
-            seeds=seeds,
-            copies=copies,
-            std=self.noise_std,
-            chunk_size=chunk_size,
-            step=step,
-        )
-        return summed / copies
+        return MoreauExplanation(attribution, counts, displacement, iterations=solved.iterations, eta=solved.eta)
 
     def _solve(
         self, inputs: Tensor, target: Tensor, seeds: Tensor | None, initial: Tensor | None, eta: Tensor | None = None
-    ) -> Tensor:
-        """Proximal gradient descent on `d = z - x` for the whole batch, from `d = initial` (or 0); returns the
-        final (or averaged) `d`. `eta`: the sparse variants' penalty weight per sample, `(B,)` (`None`: the
-        `eta` setting)."""
-        batch = inputs.shape[0]
-        model = self.model
-        if self.autocast or self.channels_last:
-            model = _SolverPasses(model, self.autocast, self.channels_last)
-        objective = ClassScore(model, self.score, target)
-        chunk_size = self._rows_per_pass(objective, inputs)
-        # On the device once: every step draws its noise there from them.
-        seeds = seeds.to(inputs.device) if self.uses_noise else None
-        copies = self.noise_samples if self.uses_noise else 1
-        step = self.step_size
-        displacement = torch.zeros_like(inputs) if initial is None else initial.clone()
-        extrapolated = displacement.clone() if self.accelerate else None  # FISTA's point y
-        momentum_t = torch.ones(batch, dtype=inputs.dtype, device=inputs.device)
-        averaged = torch.zeros_like(inputs) if self.average_last else None
-        iterations = torch.full((batch,), self.num_steps, dtype=torch.long)
-        active = torch.arange(batch, device=inputs.device)
-        active_on_host = torch.arange(batch)  # the same samples, to record their steps without reading the device
-        # The stopping rule's window means: m_0 is the start, each window of W steps is summed and compared.
-        window = self.tol_window if self.uses_noise else 1
-        if self.tol is not None:
-            previous_mean = displacement.clone()
-            window_sum = torch.zeros_like(inputs)
-
-        for iteration in range(self.num_steps):
-            if self.tol is None:  # every sample takes every step: whole tensors, no gathers, no syncs
-                points, current, t, row_eta = inputs, displacement, momentum_t, eta
-                start = extrapolated if self.accelerate else current
-            else:
-                points, current, t = inputs[active], displacement[active], momentum_t[active]
-                row_eta = None if eta is None else eta[active]
-                start = extrapolated[active] if self.accelerate else current
-            gradient = self._mean_gradient(points + start, active, objective, seeds, iteration, chunk_size)
-            updated = self._prox(start - step * (gradient + start / self.rho), step, row_eta)
-            if self.accelerate:
-                next_start, t = _fista_extrapolation(start, current, updated, t)
-
-            if self.tol is None:
-                displacement, momentum_t = updated, t
-                if self.accelerate:
-                    extrapolated = next_start
-                if averaged is not None and iteration >= self.num_steps - self.average_last:
-                    averaged += updated
-                continue
-
-            displacement[active] = updated
-            momentum_t[active] = t
-            if self.accelerate:
-                extrapolated[active] = next_start
-            if window == 1:  # the plain mode's window is the step itself: skip the sums
-                mean = updated
-            else:
-                window_sum[active] += updated
-                if (iteration + 1) % window:
-                    continue
-                mean = window_sum[active] / window
-                window_sum[active] = 0
-            moved = torch.linalg.vector_norm((mean - previous_mean[active]).flatten(1), dim=1)
-            converged = moved <= self.tol * torch.linalg.vector_norm(mean.flatten(1), dim=1)
-            previous_mean[active] = mean
-            flags = converged.tolist()  # the window's decision: the solve's one wait for the device
-            if any(flags):
-                converged = torch.tensor(flags)
-                iterations[active_on_host[converged]] = iteration + 1
-                active_on_host = active_on_host[~converged]
-                if active_on_host.numel() == 0:
-                    break
-                active = active_on_host.to(inputs.device)
-
-        self.last_iterations = iterations
-        self.last_sample_gradient_evaluations = iterations * copies
-        self.last_gradient_evaluations = int(self.last_sample_gradient_evaluations.sum())
-        if averaged is not None:
-            return averaged / self.average_last
-        return displacement
-
-
-class _SolverPasses(nn.Module):
-    """The model as the solver calls it: inputs in channels-last layout and/or the forward under bfloat16 autocast.
-
-    The scores come back in float32, so the score selection, the gradients with respect to the (float32) points
-    and everything the solver accumulates stay at full precision.
-    """
-
-    def __init__(self, model: nn.Module, autocast: bool, channels_last: bool) -> None:
-        super().__init__()
-        self.model = model
-        self.autocast = autocast
-        self.channels_last = channels_last
-
-    def forward(self, points: Tensor) -> Tensor:
-        if self.channels_last:
-            points = points.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(points.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.model(points).float()
-
-
-def _fista_extrapolation(start: Tensor, current: Tensor, updated: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-    """FISTA's next point `y = d_new + (t - 1) / t_next * (d_new - d)` and `t_next`, per sample.
-
-    With adaptive restart (O'Donoghue & Candes 2015): where the step from `y` points against the momentum
-    (`<y - d_new, d_new - d> > 0`), the momentum is dropped and `t` restarts at 1.
-    """
-    t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-    beta = (t - 1) / t_next
-    restart = ((start - updated) * (updated - current)).flatten(1).sum(1) > 0
-    beta = torch.where(restart, 0.0, beta)
-    t_next = torch.where(restart, 1.0, t_next)
-    return updated + beta.view(-1, 1, 1, 1) * (updated - current), t_next
+    ) -> SolverResult:
+        """The solve of `explain` (`moreau_solver.proximal_gradient`); the sparse variants add their search."""
+        return proximal_gradient(self, inputs, target, seeds, initial, eta)
 
 
 class _PenalisedMoreauGrad(MoreauGrad):
     """What Sparse and Group-Sparse MoreauGrad share: the penalty weight `eta` or a target zero share, which a
     per-sample search turns into one `eta` per sample (described in `SparseMoreauGrad`), and the warning when a
-    fixed `eta` zeroes whole maps."""
+    fixed `eta` zeroes whole maps.
+
+    Args:
+        model: classifier taking `(B, C, H, W)` images in [0, 1], in eval mode.
+        eta: the penalty's coefficient `eta >= 0`; `None` (default) is the official code's (`default_eta`: 5e-3 for
+            the L1 norm, 5e-2 for the group norm) unless `target_zero_fraction` is given. Exclusive with
+            `target_zero_fraction`.
+        target_zero_fraction: the share of exactly-zero entries of every map, in (0, 1), instead of `eta`
+            (default `None`: use `eta`).
+        search_rounds: the most solves of the target search (default 12).
+        search_tolerance: how far a map's zero share may lie from the target (default 0.01).
+        **settings: MoreauGrad's settings (`rho`, `step_size`, `num_steps`, `noise_std`, ...), as in `MoreauGrad`.
+    """
 
     default_eta: ClassVar[float]
     zero_unit: ClassVar[str]  # what one unit of zeros is ("entry", "group"), for messages
 
-    def _init_penalty(
-        self, eta: float | None, target_zero_fraction: float | None, search_rounds: int, search_tolerance: float
+    def __init__(
+        self,
+        model: nn.Module,
+        eta: float | None = None,
+        target_zero_fraction: float | None = None,
+        search_rounds: int = 12,
+        search_tolerance: float = 0.01,
+        **settings: Any,
     ) -> None:
+        super().__init__(model, **settings)
         owner = type(self).__name__
         if target_zero_fraction is None:
             eta = self.default_eta if eta is None else eta
@@ -451,7 +279,6 @@ class _PenalisedMoreauGrad(MoreauGrad):
         self.target_zero_fraction = target_zero_fraction
         self.search_rounds = search_rounds
         self.search_tolerance = search_tolerance
-        self.last_eta: Tensor | None = None
 
     def _zero_quantum(self, shape: torch.Size) -> float:
         """The share of a map that one unit of zeros is (an entry, or a group)."""
@@ -459,18 +286,17 @@ class _PenalisedMoreauGrad(MoreauGrad):
 
     def _penalty_norms(self, gradient: Tensor) -> Tensor:
         """`(B, n)`: what the proximal step compares with `step_size * eta`, per entry or per group."""
-        raise NotImplementedError
-
     def _solve(
         self, inputs: Tensor, target: Tensor, seeds: Tensor | None, initial: Tensor | None, eta: Tensor | None = None
-    ) -> Tensor:
+    ) -> SolverResult:
         if eta is None and self.target_zero_fraction is not None:
-            return self._solve_at_zero_fraction(inputs, target, seeds, initial)
-        displacement = super()._solve(inputs, target, seeds, initial, eta)
+            return search_zero_fraction(self, inputs, target, seeds, initial)
+        solved = super()._solve(inputs, target, seeds, initial, eta)
         if eta is None:
-            self.last_eta = torch.full((inputs.shape[0],), float(self.eta))
-            self._warn_on_zero_maps(displacement)
-        return displacement
+            self._warn_on_zero_maps(solved.displacement)
+            solved = replace(solved, eta=torch.full((inputs.shape[0],), float(self.eta)))
+        return solved
+        return solved
 
     def _warn_on_zero_maps(self, displacement: Tensor) -> None:
         if self.eta == 0:
@@ -508,98 +334,6 @@ class _PenalisedMoreauGrad(MoreauGrad):
             )
         return units * quantum
 
-    def _solve_at_zero_fraction(
-        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, initial: Tensor | None
-    ) -> Tensor:
-        """Each sample's `eta` searched on `log eta` until its map's zero share is the (achievable) target; every
-        round is one batched solve of the samples still searching, each with its own `eta`."""
-        batch, device = inputs.shape[0], inputs.device
-        goal = self.achievable_zero_fraction(inputs.shape)
-        dtype = torch.promote_types(inputs.dtype, torch.float32)
-        everyone = torch.arange(batch, device=device)
-        # The model behind every proposal: the map zeroes the entries (groups) whose |grad f_c(z*)| lies below eta,
-        # and the gradient's magnitudes at z* are those at x up to a scale. So the search starts where one proximal
-        # step from x gives the target share (the target quantile of the magnitudes at x; exact as rho -> 0), and a
-        # solve that zeroes k units instead of the target's n moves eta by the ratio of the quantiles at n and k.
-        objective = ClassScore(self.model, self.score, target)
-        gradient = self._mean_gradient(inputs, everyone, objective, None, 0, self._rows_per_pass(objective, inputs))
-        norms = self._penalty_norms(gradient).to(dtype).sort(dim=1).values.clamp_min(torch.finfo(dtype).tiny)
-        # thresholds[:, k - 1]: log of the midpoint between the k-th and (k+1)-th smallest, which zeroes exactly k
-        thresholds = ((norms[:, :-1] + norms[:, 1:]) / 2).log()
-        units = norms.shape[1]
-        goal_units = round(goal * units)
-        log_eta = thresholds[:, goal_units - 1].clone()
-        low = torch.full_like(log_eta, -math.inf)  # log eta known to give too few zeros
-        high = torch.full_like(log_eta, math.inf)  # ... and too many
-        width = torch.full_like(log_eta, math.inf)  # the bracket's width before the last round
-        best = torch.zeros_like(inputs)
-        best_miss = torch.full_like(log_eta, math.inf)
-        best_log_eta = log_eta.clone()
-        evaluations = torch.ones(batch, dtype=torch.long)  # the gradient at x
-        iterations = torch.zeros(batch, dtype=torch.long)
-        active = everyone
-        for _ in range(self.search_rounds):
-            rows = active.cpu()
-            displacement = MoreauGrad._solve(
-                self,
-                inputs[active],
-                target[active],
-                None if seeds is None else seeds[rows],
-                None if initial is None else initial[active],
-                log_eta[active].exp().to(inputs.dtype),
-            )
-            evaluations[rows] += self.last_sample_gradient_evaluations
-            iterations[rows] += self.last_iterations
-            share = (displacement == 0).flatten(1).sum(1).to(dtype) / displacement[0].numel()
-            miss = (share - goal).abs()
-            better = miss < best_miss[active]
-            best[active[better]] = displacement[better]
-            best_miss[active[better]] = miss[better]
-            best_log_eta[active[better]] = log_eta[active[better]]
-            too_sparse = share > goal
-            current = log_eta[active]
-            low_now = torch.where(too_sparse, low[active], current)
-            high_now = torch.where(too_sparse, current, high[active])
-            zeroed = (share * units).round().long().clamp(1, units - 1)
-            proposal = current + thresholds[active, goal_units - 1] - thresholds[active, zeroed - 1]
-            # Safeguarded as in Brent's method: the proposal only inside the bracket, and only while the bracket
-            # at least halves each round; otherwise bisect (or widen the bracket by 4x while it is open).
-            new_width = high_now - low_now
-            trusted = (proposal > low_now) & (proposal < high_now) & (new_width <= width[active] / 2)
-            log_eta[active] = torch.where(trusted, proposal, _next_log_eta(low_now, high_now))
-            low[active], high[active], width[active] = low_now, high_now, new_width
-            # A bracket narrower than 0.1% of eta means the share jumps past the target (e.g. several groups reach
-            # zero at the same eta): no eta reaches it, stop.
-            active = active[(miss > self.search_tolerance) & (new_width > _SEARCH_RESOLUTION)]
-            if active.numel() == 0:
-                break
-        self.last_eta = best_log_eta.exp().cpu()
-        self.last_iterations = iterations
-        self.last_sample_gradient_evaluations = evaluations
-        self.last_gradient_evaluations = int(evaluations.sum())
-        missed = best_miss > self.search_tolerance
-        if missed.any():
-            warnings.warn(
-                f"{type(self).__name__}: the zero share of {int(missed.sum())} of {batch} maps is up to "
-                f"{float(best_miss.max()):.3g} from the target {goal:.4g} (search_tolerance={self.search_tolerance}): "
-                f"either no eta reaches it (the share jumps past the target where several of its {self.zero_unit} "
-                f"units reach zero at the same eta) or {self.search_rounds} search_rounds were too few. They keep the "
-                "closest map found.",
-                stacklevel=5,
-            )
-        return best
-
-
-_SEARCH_EXPANSION = math.log(4.0)  # log-eta step while a sample's target share is not yet bracketed
-_SEARCH_RESOLUTION = 1e-3  # the narrowest log-eta bracket searched
-
-
-def _next_log_eta(low: Tensor, high: Tensor) -> Tensor:
-    """The search's next `log eta` per sample: the midpoint once bracketed, else a factor 4 beyond the known end."""
-    below, above = torch.isfinite(low), torch.isfinite(high)
-    return torch.where(below & above, (low + high) / 2, torch.where(below, low + _SEARCH_EXPANSION,
-                                                                     high - _SEARCH_EXPANSION))
-
 
 class SparseMoreauGrad(_PenalisedMoreauGrad):
     """Sparse MoreauGrad: the L1-regularised Moreau envelope, `(x - z*) / rho` (paper Definitions 4-5).
@@ -610,26 +344,16 @@ class SparseMoreauGrad(_PenalisedMoreauGrad):
     gradient scale (from none to the whole map); when it zeroes whole maps the call warns.
 
     **Target sparsity** (`target_zero_fraction` instead of `eta`): each sample gets its own `eta`, chosen so that
-    the share of exactly-zero entries of its map is the target within `search_tolerance`. The search works on
-    `log eta`, per sample. It starts at the target quantile of `|grad f_c(x)|` (where one proximal step from `x`
-    gives the target share; exact as `rho -> 0` and for a linear score); after a solve that zeroes `k` entries where
-    the target asks for `n`, it moves `log eta` by the difference of those log-quantiles at `n` and `k` (the
-    magnitudes at `z*` taken as those at `x` up to a scale). Safeguarded as in Brent's method: a move is used only
-    inside the bracket of known too-dense / too-sparse `eta`s and while that bracket at least halves per round,
-    otherwise it bisects (or widens an open bracket by 4x). Every round is a full solve of the samples still
-    searching, all in one batched solve with each sample's own `eta`. A sample stops once within
-    `search_tolerance`, or when its bracket is narrower than 0.1% of `eta` (no `eta` reaches the target: the share
-    jumps past it); after `search_rounds` rounds every sample keeps its closest map, and a warning names how many
-    missed. The cost per sample, in gradient evaluations, is 1 (the gradient at `x`) plus the sum of its rounds'
-    solves (steps x noise copies each), counted in `last_sample_gradient_evaluations`; on the digits quickstart the
+    the share of exactly-zero entries of its map is the target within `search_tolerance`, by a safeguarded search
+    on `log eta` (`moreau_solver.search_zero_fraction` describes it); after `search_rounds` rounds every sample
+    keeps its closest map, and a warning names how many missed. The cost per sample, in gradient evaluations, is 1
+    (the gradient at `x`) plus its rounds' solves (steps x noise copies each); on the digits quickstart the
     search took 1.0-1.2 solves per sample on average in plain mode, 1.0-2.1 in regularised mode
     (docs/reference/explainers.md). Zeros come one entry at a time (`1 / (C H W)` of a map), and the target is rounded to the
-    nearest such share (`achievable_zero_fraction`). `last_eta` (`(B,)`, CPU) holds each sample's `eta` after a call
-    (the setting itself with a fixed `eta`).
+    nearest such share (`achievable_zero_fraction`). `explain` returns each sample's `eta` in
+    `MoreauExplanation.eta` (`(B,)`, CPU; the setting itself with a fixed `eta`).
 
-    `model`, `rho`, `step_size`, `num_steps`, `noise_std`, `noise_samples`, `average_last`, `internal_batch_size`,
-    `tol`, `tol_window`, `accelerate`, `autocast`, `channels_last`, `score`, `graph`, `graph_tol`, `graph_max_iter`
-    and `graph_noise_samples` are as in `MoreauGrad`.
+    It takes MoreauGrad's settings as they are (`rho`, `step_size`, `num_steps`, `noise_std`, ..., `score`, `graph`).
 
     Args:
         eta: L1 coefficient `eta >= 0`; `None` (default) is the official code's 5e-3 unless `target_zero_fraction`
@@ -642,8 +366,8 @@ class SparseMoreauGrad(_PenalisedMoreauGrad):
     Example:
         >>> attr = SparseMoreauGrad(model, eta=5e-3).attribute(images, target=labels)
         >>> explainer = SparseMoreauGrad(model, target_zero_fraction=0.8)
-        >>> attr = explainer.attribute(images, target=labels)   # each map 80% zeros (+- 0.01)
-        >>> explainer.last_eta                                   # the eta found for each sample
+        >>> explanation = explainer.explain(images, target=labels)   # each map 80% zeros (+- 0.01)
+        >>> explanation.eta                                           # the eta found for each sample
     """
 
     name = "sparse_moreaugrad"
@@ -651,38 +375,6 @@ class SparseMoreauGrad(_PenalisedMoreauGrad):
     family = "moreaugrad"
     default_eta = 5e-3
     zero_unit = "entry"
-
-    def __init__(
-        self,
-        model: nn.Module,
-        rho: float = 1.0,
-        step_size: float = 0.1,
-        num_steps: int = 300,
-        noise_std: float = 0.1,
-        noise_samples: int = 32,
-        eta: float | None = None,
-        average_last: int = 0,
-        internal_batch_size: InternalBatchSize = "auto",
-        tol: float | None = None,
-        tol_window: int = 10,
-        accelerate: bool = False,
-        autocast: bool = False,
-        channels_last: bool = False,
-        score: str = "logit",
-        graph: str = "surrogate",
-        graph_tol: float = 1e-3,
-        graph_max_iter: int = 100,
-        graph_noise_samples: int | None = None,
-        target_zero_fraction: float | None = None,
-        search_rounds: int = 12,
-        search_tolerance: float = 0.01,
-    ) -> None:
-        super().__init__(
-            model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score, graph=graph, graph_tol=graph_tol,
-            graph_max_iter=graph_max_iter, graph_noise_samples=graph_noise_samples,
-        )
-        self._init_penalty(eta, target_zero_fraction, search_rounds, search_tolerance)
 
     def _zero_quantum(self, shape: torch.Size) -> float:
         return 1 / math.prod(shape[1:])
@@ -709,9 +401,7 @@ class GroupSparseMoreauGrad(_PenalisedMoreauGrad):
     `group_size^2 / (H W)`: the target is rounded to the nearest multiple (e.g. 0.3 becomes 19/64 = 0.297 for 32x32
     images and `group_size=4`), and a target that would round to no group or to all of them is refused.
 
-    `model`, `rho`, `step_size`, `num_steps`, `noise_std`, `noise_samples`, `average_last`, `internal_batch_size`,
-    `tol`, `tol_window`, `accelerate`, `autocast`, `channels_last`, `score`, `graph`, `graph_tol`, `graph_max_iter`
-    and `graph_noise_samples` are as in `MoreauGrad`.
+    It takes MoreauGrad's settings as they are (`rho`, `step_size`, `num_steps`, `noise_std`, ..., `score`, `graph`).
 
     Args:
         eta: group-norm coefficient `eta >= 0`; `None` (default) is the official code's 5e-2 unless
@@ -731,46 +421,13 @@ class GroupSparseMoreauGrad(_PenalisedMoreauGrad):
     default_eta = 5e-2
     zero_unit = "group"
 
-    def __init__(
-        self,
-        model: nn.Module,
-        rho: float = 1.0,
-        step_size: float = 0.1,
-        num_steps: int = 300,
-        noise_std: float = 0.1,
-        noise_samples: int = 32,
-        eta: float | None = None,
-        group_size: int = 14,
-        average_last: int = 0,
-        internal_batch_size: InternalBatchSize = "auto",
-        tol: float | None = None,
-        tol_window: int = 10,
-        accelerate: bool = False,
-        autocast: bool = False,
-        channels_last: bool = False,
-        score: str = "logit",
-        graph: str = "surrogate",
-        graph_tol: float = 1e-3,
-        graph_max_iter: int = 100,
-        graph_noise_samples: int | None = None,
-        target_zero_fraction: float | None = None,
-        search_rounds: int = 12,
-        search_tolerance: float = 0.01,
-    ) -> None:
-        super().__init__(
-            model, rho, step_size, num_steps, noise_std, noise_samples, average_last, internal_batch_size, tol,
-            tol_window, accelerate, autocast, channels_last, score, graph=graph, graph_tol=graph_tol,
-            graph_max_iter=graph_max_iter, graph_noise_samples=graph_noise_samples,
-        )
+    def __init__(self, model: nn.Module, group_size: int = 14, **settings: Any) -> None:
+        super().__init__(model, **settings)
         check_positive_int(type(self).__name__, "group_size", group_size)
         self.group_size = group_size
-        self._init_penalty(eta, target_zero_fraction, search_rounds, search_tolerance)
 
     def check_input_shape(self, shape: torch.Size) -> None:
-        try:
-            check_group_size(shape, self.group_size)
-        except ValueError as error:
-            raise ValueError(f"{type(self).__name__}: {error}") from None
+        check_group_size(shape, self.group_size, type(self).__name__)
 
     def _zero_quantum(self, shape: torch.Size) -> float:
         return self.group_size**2 / (shape[-2] * shape[-1])

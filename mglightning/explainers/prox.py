@@ -56,15 +56,17 @@ def unchecked_soft_threshold(values: Tensor, threshold: float | Tensor) -> Tenso
     return torch.sign(values) * torch.clamp(values.abs() - _per_sample(threshold, values.ndim), min=0)
 
 
-def check_group_size(shape: torch.Size | tuple[int, ...], group_size: int) -> None:
-    """Raise a `ValueError` unless `group_size` divides the height and width of a `(B, C, H, W)` shape."""
+def check_group_size(shape: torch.Size | tuple[int, ...], group_size: int, owner: str | None = None) -> None:
+    """Raise a `ValueError` (naming `owner` when given) unless `group_size` divides the height and width of a
+    `(B, C, H, W)` shape."""
+    prefix = "" if owner is None else f"{owner}: "
     if len(shape) != 4:
-        raise ValueError(f"Group soft thresholding needs (B, C, H, W) tensors, got shape {tuple(shape)}.")
+        raise ValueError(f"{prefix}Group soft thresholding needs (B, C, H, W) tensors, got shape {tuple(shape)}.")
     height, width = shape[-2:]
     if height % group_size or width % group_size:
         divisors = [d for d in range(1, min(height, width) + 1) if height % d == 0 and width % d == 0]
         raise ValueError(
-            f"group_size={group_size} must divide the image height {height} and width {width}; "
+            f"{prefix}group_size={group_size} must divide the image height {height} and width {width}; "
             f"choose one of {divisors}."
         )
 

@@ -5,16 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mglightning.explainers.base import (
-    ClassScore,
-    Explainer,
-    InternalBatchSize,
-    check_internal_batch_size,
-    check_number,
-    check_positive_int,
-    chunk_ranges,
-)
-from mglightning.explainers.gradients import record_gradient_evaluations
+from mglightning.checks import check_internal_batch_size, check_number, check_positive_int
+from mglightning.explainers.base import ClassScore, Explainer, Explanation, sample_counts
+from mglightning.explainers.batching import InternalBatchSize, chunk_ranges
 from mglightning.random import Stream, normal, uniform
 
 # Keeps log(1 - p) finite when the background score reaches 1 (the official code's constant).
@@ -99,7 +92,9 @@ class RelEx(Explainer):
     def uses_noise(self) -> bool:
         return True
 
-    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool) -> Tensor:
+    def _explain(
+        self, inputs: Tensor, target: Tensor, seeds: Tensor | None, create_graph: bool, initial: Tensor | None
+    ) -> Explanation:
         inputs = inputs.detach()
         batch, _, height, width = inputs.shape
         seeds = seeds.to(inputs.device)
@@ -115,8 +110,8 @@ class RelEx(Explainer):
             velocity = self.momentum * velocity + gradient / norm.view(-1, 1, 1, 1)
             mask = (mask - self.lr * velocity).clamp(0, 1)
         # Every step sends each noisy copy through the model twice (masked and inverse-masked).
-        record_gradient_evaluations(self, batch, self.num_steps * 2 * self.noise_samples)
-        return mask.expand_as(inputs).clone()
+        counts = sample_counts(batch, self.num_steps * 2 * self.noise_samples)
+        return Explanation(mask.expand_as(inputs).clone(), counts)
 
     def _loss_gradient(
         self, inputs: Tensor, mask: Tensor, objective: ClassScore, seeds: Tensor, step: int,

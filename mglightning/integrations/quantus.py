@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mglightning.explainers import CaptumExplainer, Explainer, build_explainer
-from mglightning.explainers.base import check_inputs
+from mglightning.checks import check_inputs
 
 
 def explain_func(

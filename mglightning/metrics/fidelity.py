@@ -27,13 +27,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mglightning.explainers.base import (
-    check_inputs,
-    check_internal_batch_size,
-    check_positive_int,
-    chunk_ranges,
-    format_target,
-)
+from mglightning.checks import check_inputs, check_internal_batch_size, check_positive_int, format_target
+from mglightning.explainers.batching import chunk_ranges
 from mglightning.metrics.base import MapBatch, SampleMetric
 from mglightning.metrics.functional import _check_maps
 

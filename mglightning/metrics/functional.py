@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mglightning.checks import check_share
+
 # SaliencySSIM's settings (docs/reference/semantics.md section 6), the same as scikit-image's
 # structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1).
 SSIM_SIGMA = 1.5
@@ -49,13 +51,6 @@ def _check_map_pair(original: Tensor, attacked: Tensor) -> None:
         )
 
 
-def _check_fraction(fraction: float) -> None:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-        raise ValueError(
-            f"`fraction` must be a number in (0, 1] (the share of non-zero entries kept), got {fraction!r}."
-        )
-
-
 def _flat_magnitudes(maps: Tensor) -> Tensor:
     """``|maps|`` flattened per sample to ``(B, C*H*W)``."""
     return maps.detach().abs().flatten(1)
@@ -83,7 +78,7 @@ def topk_count(maps: Tensor, fraction: float = 0.4) -> Tensor:
         tensor([2])
     """
     _check_maps(maps)
-    _check_fraction(fraction)
+    check_share("topk_count", "fraction", fraction)
     nonzero = (maps.detach() != 0).flatten(1).sum(dim=1)
     return torch.floor(nonzero.double() * fraction).long().clamp_min(1)
 
@@ -157,7 +152,7 @@ def normalized_distance(original: Tensor, attacked: Tensor) -> Tensor:
 
 def _topk_intersection_update(original: Tensor, attacked: Tensor, fraction: float) -> Tensor:
     _check_map_pair(original, attacked)
-    _check_fraction(fraction)
+    check_share("topk_intersection", "fraction", fraction)
     k = topk_count(original, fraction)
     shared = (topk_mask(original, k) & topk_mask(attacked, k)).flatten(1).sum(dim=1)
     # Divided by k (as the official code divides by TOPK): an all-zero original map scores 0.

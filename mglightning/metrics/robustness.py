@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mglightning.checks import check_share
 from mglightning.metrics.base import MapBatch, SampleMetric
 from mglightning.metrics.functional import (
-    _check_fraction,
     _normalized_distance_update,
     _saliency_ssim_update,
     _topk_intersection_update,
@@ -88,7 +88,7 @@ class TopKIntersection(_MeanOverSamples):
     plot_upper_bound = 1.0
 
     def __init__(self, fraction: float = 0.4, **kwargs: Any) -> None:
-        _check_fraction(fraction)
+        check_share(type(self).__name__, "fraction", fraction)
         super().__init__(**kwargs)
         self.fraction = fraction
 

@@ -36,6 +36,7 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor, nn
 
+from mglightning.checks import check_positive_int
 from mglightning.metrics.base import MapBatch, SampleMetric
 from mglightning.random import Stream, normal
 
@@ -66,8 +67,8 @@ def randomised_copy(model: nn.Module, seed: int = 0, cascade: int | None = None)
     layers = _resettable(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no layer with reset_parameters(); nothing to randomise.")
-    if cascade is not None and (isinstance(cascade, bool) or not isinstance(cascade, int) or cascade < 1):
-        raise ValueError(f"cascade must be None (every layer) or an integer >= 1, got {cascade!r}.")
+    if cascade is not None:
+        check_positive_int("randomised_copy", "cascade", cascade)
     copied = copy.deepcopy(model)
     chosen = _resettable(copied)
     if cascade is not None:
@@ -180,8 +181,8 @@ class ModelRandomisation(SampleMetric):
         super().__init__(**kwargs)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"ModelRandomisation: seed must be an integer, got {seed!r}.")
-        if cascade is not None and (isinstance(cascade, bool) or not isinstance(cascade, int) or cascade < 1):
-            raise ValueError(f"ModelRandomisation: cascade must be None or an integer >= 1, got {cascade!r}.")
+        if cascade is not None:
+            check_positive_int("ModelRandomisation", "cascade", cascade)
         if flag_above is not None and (
             isinstance(flag_above, bool) or not isinstance(flag_above, (int, float))
             or not math.isfinite(flag_above) or not 0 <= flag_above <= 1
