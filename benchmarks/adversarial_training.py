@@ -13,8 +13,8 @@ paired differences to the first checkpoint (the same samples) with their interva
 
 Train the three models first (a few CPU minutes each):
   python train.py fit --config configs/digits.yaml --trainer.logger false
-  python train.py fit --config configs/digits_adv_l1.yaml --trainer.logger false
-  python train.py fit --config configs/digits_adv_group.yaml --trainer.logger false
+  python train.py fit --config configs/digits.yaml --config configs/digits_adv_l1.yaml --trainer.logger false
+  python train.py fit --config configs/digits.yaml --config configs/digits_adv_group.yaml --trainer.logger false
 then:
   OMP_NUM_THREADS=1 python benchmarks/adversarial_training.py > adversarial_training.json
 

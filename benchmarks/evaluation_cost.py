@@ -2,10 +2,10 @@
 
 Runs `evaluate.py` twice on the same config, checkpoint, samples and seeds:
 
-  full   every attack searches with the explainers' own maps, cold (`--model.warm_start false
-         --model.search_settings null`): the cost of the evaluation before the cheap search
-  cheap  the config as it is (its `warm_start` and `search_settings`: each attack step's MoreauGrad solve is short
-         and warm-started); the reported maps are the explainers' own, cold, in both runs
+  full   every attack searches with the explainers' own maps, cold (the overlay
+         configs/presets/full_cost_search.yaml): the cost of the evaluation before the cheap search
+  cheap  the config as it is (its top-k attacks' `warm_start` and `search_settings`: each attack step's MoreauGrad
+         solve is short and warm-started); the reported maps are the explainers' own, cold, in both runs
 
 and prints, per method, each run's gradient evaluations per image (model input rows through a forward+backward:
 the clean map, every attack's search and every attacked map, from the records' `evals_*` columns) and seconds per
@@ -48,7 +48,7 @@ import evaluate  # noqa: E402
 from mglightning.evaluation import RunDescription, read_records  # noqa: E402
 from mglightning.reporting.statistics import bootstrap_interval, worst_case  # noqa: E402
 
-RUNS = {"full": ["--model.warm_start", "false", "--model.search_settings", "null"], "cheap": []}
+RUNS = {"full": ["--config", str(ROOT / "configs" / "presets" / "full_cost_search.yaml")], "cheap": []}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 For the first `--samples` test samples and each MoreauGrad-family explainer of an evaluation config, it runs the
 config's `own` and `exact` top-k attacks twice, with the full-cost search (the explainer's own settings, cold) and
-with the config's `search_settings` (warm-started from the clean map's solution, as the evaluation does), and
+with the `search_settings` of the config's `own` attack (warm-started from the clean map's solution), and
 prints their gradient evaluations per image (the attacks' own counters) as JSON. The clean map (`num_steps x
 noise_samples` rows) and the attacked maps (as many per attack, for every moved sample) are the same in both
 searches: add them to get an evaluation's cost. No metric and no attacked map is computed, so it takes minutes
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ckpt-path", required=True)
     parser.add_argument("--epsilon", type=float, required=True)
     parser.add_argument("--samples", type=int, default=2)
-    parser.add_argument("--search-settings", default=None, help="JSON, instead of the config's search_settings")
+    parser.add_argument("--search-settings", default=None, help="JSON, instead of the own attack's search_settings")
     parser.add_argument("--methods", nargs="+", default=None, help="explainer labels (default: the whole family)")
     args = parser.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())["model"]
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_classifier(args.ckpt_path).eval().requires_grad_(False)
     target = model(images).argmax(dim=1)
     seeds = sample_seeds(config.get("seed", 0), torch.arange(args.samples))
-    search = json.loads(args.search_settings) if args.search_settings else dict(config.get("search_settings") or {})
+    own = config["attacks"]["own"].get("init_args", {})
+    search = json.loads(args.search_settings) if args.search_settings else dict(own.get("search_settings") or {})
     report: dict = {"config": args.config, "samples": args.samples, "epsilon": args.epsilon,
                     "search_settings": search, "methods": {}}
     for label, spec in config["explainers"].items():
@@ -67,10 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"clean_map": float(clean.gradient_evaluations.float().mean())}
         for attack_label in ("own", "exact"):
             settings = dict(config["attacks"][attack_label].get("init_args", {}))
-            for name, extra in (("full", {}), ("cheap", {"warm_start": True, "search_settings": search})):
+            for name, extra in (("full", {"warm_start": False, "search_settings": None}),
+                                ("cheap", {"warm_start": True, "search_settings": search})):
                 attack = TopKInterpretationAttack(explainer, args.epsilon, **{**settings, **extra})
                 started = time.perf_counter()
-                result = attack.run(images, target, seeds=seeds, initial=clean.solution if extra else None)
+                result = attack.run(images, target, seeds=seeds, initial=clean.solution if name == "cheap" else None)
                 row[f"{attack_label}_{name}"] = float(result.gradient_evaluations.float().mean())
                 row[f"{attack_label}_{name}_seconds"] = round((time.perf_counter() - started) / args.samples, 1)
                 print(label, attack_label, name, row[f"{attack_label}_{name}"], file=sys.stderr)

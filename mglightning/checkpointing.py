@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -24,18 +25,31 @@ class RunCheckpoint(ModelCheckpoint):
     refuses links). So `<dirpath>/last.ckpt` is always the newest run's, and no run overwrites another.
     Resuming (`fit --ckpt_path ...`) is a new run with a new folder; its best checkpoint is the best of the
     epochs it trained. With `dirpath=None` Lightning's own per-run folder (`<log_dir>/checkpoints`) is used and
-    no links are made. Takes the arguments of `ModelCheckpoint`.
+    no links are made. Takes the arguments of `ModelCheckpoint`, with train.py's defaults: the best checkpoint by
+    `val/acc` (`best-epoch<epoch>-acc<val/acc>.ckpt`) and `last.ckpt`.
 
     Example:
-        >>> callback = RunCheckpoint(dirpath="checkpoints/digits", monitor="val/acc", mode="max", save_last=True)
+        >>> callback = RunCheckpoint(dirpath="checkpoints/digits")  # best by val/acc, and last.ckpt
         >>> # Trainer(callbacks=[callback]).fit(...) writes checkpoints/digits/version_0/last.ckpt and links
         >>> # checkpoints/digits/last.ckpt -> version_0/last.ckpt
     """
 
     LINK_NAMES = {"last": "last.ckpt", "best": "best.ckpt"}
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        dirpath: str | Path | None = None,
+        filename: str | None = "best-epoch{epoch:03d}-acc{val/acc:.4f}",
+        monitor: str | None = "val/acc",
+        mode: str = "max",
+        save_last: bool | Literal["link"] | None = True,
+        auto_insert_metric_name: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_last=save_last,
+            auto_insert_metric_name=auto_insert_metric_name, **kwargs,
+        )
         self.root_dirpath = Path(self.dirpath) if self.dirpath else None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -315,11 +315,22 @@ def test_bf16_mixed_precision_adversarial_training_on_cpu():
 # ------------------------------------------------------------------------------ the training CLI
 
 
+# The base config of each data set's adversarial-training overlay (configs/<data set>_adv_<mode>.yaml).
+ADVERSARIAL_BASES = {"digits": "digits.yaml", "cifar10": "cifar10_resnet18.yaml",
+                     "tinyimagenet": "tinyimagenet_resnet18.yaml"}
+
+
+def adversarial_configs(overlay: str) -> list[str]:
+    """`--config <base> --config <overlay>`: an adversarial-training overlay on its data set's base config."""
+    base = ADVERSARIAL_BASES[overlay.split("_adv_")[0]]
+    return ["--config", str(CONFIGS / base), "--config", str(CONFIGS / overlay)]
+
+
 def tiny_adv_args(config: str, tmp_path: Path, *extra: str) -> list[str]:
     """A digits adversarial config shrunk to seconds (as tests/test_train.py shrinks the quickstart)."""
     return [
         "fit",
-        "--config", str(CONFIGS / config),
+        *adversarial_configs(config),
         "--data.init_args.image_size", "16",
         "--data.init_args.batch_size", "32",
         "--model.model_kwargs", '{"activation": "softplus", "beta": 1.0, "width": 4}',
@@ -372,7 +383,7 @@ def test_two_process_gloo_ddp_adversarial_training(tmp_path):
 def fast_dev_run_args(config: str, tmp_path: Path, *extra: str) -> list[str]:
     return [
         "fit",
-        "--config", str(CONFIGS / config),
+        *adversarial_configs(config),
         "--trainer.fast_dev_run", "true",
         "--trainer.accelerator", "cpu",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),

@@ -55,6 +55,8 @@ FEW_EXPLAINERS = json.dumps(
         "moreaugrad": {"class_path": E + "MoreauGrad", "init_args": {"num_steps": 6, "noise_samples": 2}},
     }
 )
+# configs/eval_digits.yaml's cheap search, as the top-k attacks that tests give on the command line search too.
+CHEAP_SEARCH = {"warm_start": True, "search_settings": {"num_steps": 10}}
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +97,10 @@ def eval_args(checkpoint: Path, out: Path, *extra: str, explainers: str = CHEAP_
 
 
 def attack_steps(steps: int) -> str:
-    """The `--model.attacks` value of the top-k attack with `steps` steps."""
+    """The `--model.attacks` value of the top-k attack with `steps` steps, searching as configs/eval_digits.yaml's
+    attacks do (warm-started solves of 10 steps)."""
     return json.dumps({"topk": {"class_path": "mglightning.attacks.TopKInterpretationAttack",
-                                "init_args": {"num_steps": steps}}})
+                                "init_args": {"num_steps": steps, **CHEAP_SEARCH}}})
 
 
 def results_of(run_dir: Path) -> dict:
@@ -495,23 +498,46 @@ def test_worst_case_over_attacks_takes_each_metric_at_its_worst_per_sample():
     assert row.attack == "worst of own, transfer" and row.surrogate == "own: self, transfer: self"
 
 
-@pytest.mark.parametrize("config", ["eval_digits.yaml", "eval_digits_full.yaml", "eval_cifar10.yaml", "eval_tinyimagenet.yaml",
-                                    "eval_imagenet.yaml", "eval_patches.yaml"])
-@pytest.mark.parametrize("preset", [None, "fast"])
+# Each evaluation config's fast preset (an overlay names the config's explainers and attacks), and the configs whose
+# top-k attacks search cheaply (configs/presets/full_cost_search.yaml switches that off).
+FAST_PRESETS = {"eval_digits.yaml": "fast_digits.yaml", "eval_digits_full.yaml": "fast_digits_full.yaml",
+                "eval_cifar10_study.yaml": "fast_cifar10_study.yaml", "eval_cifar10.yaml": "fast.yaml",
+                "eval_tinyimagenet.yaml": "fast.yaml", "eval_imagenet.yaml": "fast.yaml", "eval_patches.yaml": "fast.yaml"}
+CHEAP_SEARCH_CONFIGS = ("eval_digits.yaml", "eval_digits_full.yaml", "eval_patches.yaml")
+
+
+@pytest.mark.parametrize(
+    "config, preset",
+    [(config, None) for config in FAST_PRESETS] + list(FAST_PRESETS.items())
+    + [(config, "full_cost_search.yaml") for config in CHEAP_SEARCH_CONFIGS],
+)
 def test_evaluation_configs_are_valid(config, preset, capsys):
-    overlay = ["--config", str(CONFIGS / "presets" / f"{preset}.yaml")] if preset else []
+    import yaml
+
+    overlay = ["--config", str(CONFIGS / "presets" / preset)] if preset else []
     with pytest.raises(SystemExit) as exit_info:
         evaluate.cli_main(["--config", str(CONFIGS / config), *overlay, "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "mglightning.explainers.SparseMoreauGrad" in printed
-    if preset == "fast":  # the overlay adds its settings and keeps the config's own
-        import yaml
-
-        model = yaml.safe_load(printed)["model"]
-        assert model["warm_start"] is True and model["explainer_settings"]["tol"] == 0.03
-        own = yaml.safe_load((CONFIGS / config).read_text())["model"]["explainers"]
-        assert set(model["explainers"]) == set(own)  # the dataset config's explainers, all of them
+    model = yaml.safe_load(printed)["model"]
+    own = yaml.safe_load((CONFIGS / config).read_text())["model"]
+    # An overlay keeps the config's explainers and attacks, all of them, with their own settings.
+    assert set(model["explainers"]) == set(own["explainers"]) and set(model["attacks"]) == set(own["attacks"])
+    for label, spec in own["explainers"].items():
+        settings = model["explainers"][label]["init_args"]
+        solver = spec["class_path"].endswith("MoreauGrad")
+        fast = preset is not None and preset.startswith("fast") and solver
+        expected = {**spec.get("init_args", {}), **({"tol": 0.03, "tol_window": 10, "average_last": 0} if fast else {})}
+        assert {name: settings[name] for name in expected} == expected, label
+    searches = {label: (spec["init_args"]["warm_start"], spec["init_args"]["search_settings"])
+                for label, spec in model["attacks"].items() if spec["class_path"].endswith("TopKInterpretationAttack")}
+    if preset == "full_cost_search.yaml":
+        assert set(searches.values()) == {(False, None)}
+    elif preset is not None:
+        assert all(warm for warm, _ in searches.values())
+    elif config in CHEAP_SEARCH_CONFIGS:
+        assert all(warm and search for warm, search in searches.values())
 
 
 def test_warm_started_fast_preset_costs_less_and_agrees(checkpoint, tmp_path):
@@ -522,8 +548,8 @@ def test_warm_started_fast_preset_costs_less_and_agrees(checkpoint, tmp_path):
     runs = {}
     for warm in ("false", "true"):
         out = tmp_path / warm
-        evaluate.cli_main(eval_args(checkpoint, out, "--model.warm_start", warm, "--model.max_samples", "4",
-                                    explainers=explainers))
+        evaluate.cli_main(eval_args(checkpoint, out, "--model.attacks.topk.init_args.warm_start", warm,
+                                    "--model.max_samples", "4", explainers=explainers))
         runs[warm] = results_of(only_run(out))["moreaugrad"]
     assert runs["true"]["evals_attack"] < runs["false"]["evals_attack"]
     # Only the search is warm-started: the attacked maps are cold in both runs (tests/test_evaluation_cost.py).

@@ -34,7 +34,7 @@ from mglightning.evaluation import (
 from mglightning.explainers import MoreauGrad, SimpleGradient, SmoothGrad
 from mglightning.metrics import DeletionInsertionAUC, MapBatch, SampleMetric
 from mglightning.evaluation.measure import default_metrics
-from test_evaluate import FEW_EXPLAINERS, ROOT, attack_steps, checkpoint, eval_args, only_run, results_of  # noqa: F401
+from test_evaluate import CHEAP_SEARCH, FEW_EXPLAINERS, ROOT, attack_steps, checkpoint, eval_args, only_run, results_of  # noqa: F401
 
 
 class BrightenAttack(Attack):
@@ -69,7 +69,8 @@ class MeanMagnitudeShift(SampleMetric):
 
 def _own_parts() -> list[str]:
     attacks = {
-        "topk": {"class_path": "mglightning.attacks.TopKInterpretationAttack", "init_args": {"num_steps": 2}},
+        "topk": {"class_path": "mglightning.attacks.TopKInterpretationAttack",
+                 "init_args": {"num_steps": 2, **CHEAP_SEARCH}},
         "brighten": {"class_path": "test_evaluation_core.BrightenAttack", "init_args": {"amount": 0.1}},
     }
     metrics = {
@@ -123,8 +124,8 @@ def test_the_batch_function_gives_the_records_of_evaluate_py(checkpoint, tmp_pat
     assert search == {"num_steps": 10}
     measured = measure_batch(
         model, images, labels, torch.arange(7), explainers=explainers, epsilons=[0.5], metrics=metrics,
-        attacks={"topk": functools.partial(TopKInterpretationAttack, num_steps=2, search_settings=search)},
-        warm_start=True,
+        attacks={"topk": functools.partial(TopKInterpretationAttack, num_steps=2, warm_start=True,
+                                           search_settings=search)},
     )
     direct = pd.DataFrame([record.row() for record in measured.records])
     optional = ["weak_convexity", "convex", "bound", "bound_holds"]  # not computed: None here, null (NaN) in Parquet
@@ -324,14 +325,3 @@ def test_help_lists_the_attacks_and_metrics_settings_with_their_types(capsys):
                    "fraction: float = 0.4", "mglightning.metrics.DeletionInsertionAUC", "steps: int = 20",
                    "--model.attacks", "--model.metrics"):
         assert needle in text, needle
-
-
-def test_explainer_settings_reach_the_explainers_that_take_them(checkpoint):
-    from mglightning.modules import ExplanationEvaluator
-
-    explainers = {"simple_gradient": SimpleGradient, "moreaugrad": functools.partial(MoreauGrad, num_steps=5, rho=0.2)}
-    evaluator = ExplanationEvaluator(str(checkpoint), explainers, explainer_settings={"tol": 0.03, "tol_window": 4})
-    moreau = evaluator.explainers["moreaugrad"]
-    assert (moreau.tol, moreau.tol_window, moreau.num_steps, moreau.rho) == (0.03, 4, 5, 0.2)
-    with pytest.raises(ValueError, match=r"explainer_settings \['tolx'\] are taken by none"):
-        ExplanationEvaluator(str(checkpoint), explainers, explainer_settings={"tolx": 0.03})

@@ -65,7 +65,7 @@ def test_every_reported_map_is_the_cold_map_bit_for_bit_whatever_the_attack_sear
     explainers = {label: factory(model) for label, factory in EXPLAINERS.items()}
     measured = measure_batch(
         model, images, labels, indices, explainers=explainers, epsilons=[0.5], attacks=ATTACKS,
-        metrics={"topk": TopKIntersection()}, seed=3, warm_start=True, keep_maps=True, keep_inputs=True,
+        metrics={"topk": TopKIntersection()}, seed=3, keep_maps=True, keep_inputs=True,
     )
     seeds = sample_seeds(3, indices)
     target = model(images).argmax(dim=1)
@@ -126,17 +126,8 @@ def test_search_settings_reach_solvers_only_and_refuse_unknown_names():
         TopKInterpretationAttack(MoreauGrad(model), 0.5, search_settings=3)
 
 
-def test_the_evaluations_search_settings_reach_the_attacks_that_take_them_under_their_own():
-    from mglightning.modules.evaluator import _with_search_settings
-
-    own = functools.partial(TopKInterpretationAttack, num_steps=3, search_settings={"noise_samples": 2})
-    merged = _with_search_settings(own, {"num_steps": 4, "noise_samples": 1})
-    assert merged.keywords == {"num_steps": 3, "search_settings": {"num_steps": 4, "noise_samples": 2}}
-    attack = merged(MoreauGrad(tiny_model(), num_steps=12, noise_samples=3), 0.5)
+def test_an_attacks_search_settings_reach_its_differentiated_map_over_the_explainers_own():
+    explainer = MoreauGrad(tiny_model(), num_steps=12, noise_samples=3)
+    attack = TopKInterpretationAttack(explainer, 0.5, num_steps=3, search_settings={"num_steps": 4, "noise_samples": 2})
     assert (attack.differentiated_explainer.num_steps, attack.differentiated_explainer.noise_samples) == (4, 2)
-    assert _with_search_settings(GaussianNoise, {"num_steps": 4}) is GaussianNoise  # takes none
-    # A config's factory: jsonargparse's instantiator with the class and every init_arg.
-    configured = functools.partial(lambda cls, **kwargs: cls(**kwargs), TopKInterpretationAttack, num_steps=3,
-                                   search_settings=None)
-    merged = _with_search_settings(configured, {"num_steps": 4})
-    assert merged.keywords == {"num_steps": 3, "search_settings": {"num_steps": 4}}
+    assert (explainer.num_steps, explainer.noise_samples) == (12, 3)  # the reported maps keep the explainer's

@@ -300,7 +300,7 @@ def test_out_of_range_targets_fail_before_captum_indexes_them(images):
 
 
 def test_evaluate_help_lists_the_captum_settings():
-    from mglightning.cli import explainer_settings_help
+    from mglightning.evaluate_cli import explainer_settings_help
 
     text = explainer_settings_help()
     assert "mglightning.explainers.CaptumExplainer  (captum: Captum)" in text

@@ -70,3 +70,10 @@ def test_evaluate_help(capsys):
         (line,) = [line for line in lines if line.startswith(f"  mglightning.explainers.{name} ")]
         assert lines[lines.index(line) + 1].startswith("      ")
     assert any(line.strip().startswith("rho: float = 1.0") for line in lines)
+
+
+def test_report_help(capsys):
+    text = help_text(evaluate.cli_main, ["report", "--help"], capsys)
+    check_options(text)
+    assert "usage: evaluate.py report" in text and "without recomputing a map" in text
+    assert re.search(r"^  run_dir\s+the run folder", text, re.MULTILINE)

@@ -54,7 +54,7 @@ def test_the_graph_is_read_from_the_source():
     # Known edges, so that a parser that finds nothing cannot pass the tests below.
     assert "mglightning.models.registry" in graph["mglightning.models.loading"]
     assert "mglightning.models" in graph["mglightning.modules.classifier"]
-    assert "mglightning.modules.evaluator" in graph["mglightning.cli"]  # imported inside evaluate_main
+    assert "mglightning.modules.evaluator" in graph["mglightning.evaluate_cli"]  # imported inside evaluate_main
 
 
 def test_the_package_has_no_import_cycle():

@@ -52,12 +52,14 @@ EXPLAINERS = {
     "cafo": {"class_path": E + "CAFO", "init_args": {"lambda1": 0.0}},
 }
 TOPK = "mglightning.attacks.TopKInterpretationAttack"
+# The cheap search with warm starts: the top-k attacks' own settings.
+SEARCH = {"warm_start": True, "search_settings": {"num_steps": 3}}
 ATTACKS = {
-    "own": {"class_path": TOPK, "init_args": {"num_steps": 2, "topk_fraction": 0.4, "surrogate": "self"}},
+    "own": {"class_path": TOPK, "init_args": {"num_steps": 2, "topk_fraction": 0.4, "surrogate": "self", **SEARCH}},
     "exact": {"class_path": TOPK, "init_args": {"num_steps": 2, "topk_fraction": 0.4, "surrogate": "exact",
-                                                "distinct_only": True}},
+                                                "distinct_only": True, **SEARCH}},
     "transfer": {"class_path": TOPK, "init_args": {"num_steps": 2, "topk_fraction": 0.4,
-                                                   "surrogate": "simple_gradient", "distinct_only": True}},
+                                                   "surrogate": "simple_gradient", "distinct_only": True, **SEARCH}},
     "noise": {"class_path": "mglightning.attacks.GaussianNoise"},
 }
 TIMINGS = ["seconds_clean", "seconds_attack", "seconds_attacked"]
@@ -82,7 +84,6 @@ def evaluate_small(out: Path) -> pd.DataFrame:
             "--data.init_args.image_size", "16", "--data.init_args.batch_size", "3",
             "--model.explainers", json.dumps(EXPLAINERS), "--model.attacks", json.dumps(ATTACKS),
             "--model.max_samples", "5", "--model.epsilon", "[0.3, 1.0]",
-            "--model.search_settings", json.dumps({"num_steps": 3}),
             "--model.bootstrap_samples", "50", "--model.convexity_iterations", "3", "--model.grid_samples", "0",
             "--trainer.accelerator", "cpu", "--trainer.logger.init_args.save_dir", str(out / "runs"),
         ])

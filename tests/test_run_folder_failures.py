@@ -89,9 +89,8 @@ def test_a_second_resume_of_a_live_run_is_refused_and_leaves_the_live_run_whole(
     attacks = json.dumps({"gated": {"class_path": "test_run_folder_failures.GatedAttack",
                                     "init_args": {"gate": str(gate)}}})
     out = tmp_path / "runs"
-    # The gated attack takes no search settings: the quickstart config's cheap search is switched off.
     args = eval_args(checkpoint, out, "--model.max_samples", "2", "--model.attacks", attacks,
-                     "--model.search_settings", "null", explainers=FEW_EXPLAINERS)
+                     explainers=FEW_EXPLAINERS)
     live = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=tmp_path, env=_environment(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -105,7 +104,7 @@ def test_a_second_resume_of_a_live_run_is_refused_and_leaves_the_live_run_whole(
         assert {"run.json", ".lock"} <= set(before) and not list(run_dir.glob("records/*.parquet"))
         with pytest.raises(RunFolderBusyError, match=rf"another process \(host .*, PID {live.pid}"):
             evaluate.cli_main(eval_args(checkpoint, out, "--model.max_samples", "2", "--model.attacks", attacks,
-                                        "--model.search_settings", "null", "--resume", str(run_dir),
+                                        "--resume", str(run_dir),
                                         explainers=FEW_EXPLAINERS))
         assert _hashes(run_dir) == before
     finally:

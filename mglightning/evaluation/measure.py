@@ -80,14 +80,12 @@ def metric_columns(metrics: Mapping[str, SampleMetric]) -> dict[str, tuple[str, 
     return columns
 
 
-def build_attack(factory: AttackFactory, explainer: Explainer, epsilon: float, warm_start: bool = False) -> Attack:
-    """`factory(explainer, epsilon)`, with the evaluation's `warm_start` switched on in an attack that has one
-    (the top-k attack warm-starts each step's solve from the previous one)."""
+def build_attack(factory: AttackFactory, explainer: Explainer, epsilon: float) -> Attack:
+    """`factory(explainer, epsilon)`, checked to be an `Attack`: the one place an attack gets its budget (its
+    other settings, `warm_start` and `search_settings` included, are the factory's own)."""
     attack = factory(explainer, epsilon)
     if not isinstance(attack, Attack):
         raise ValueError(f"the attack factory built a {type(attack).__name__}, not an mglightning.attacks.Attack.")
-    if warm_start and hasattr(attack, "warm_start"):
-        attack.warm_start = True
     return attack
 
 
@@ -211,11 +209,9 @@ def measure_batch(
     metrics: Mapping[str, SampleMetric] | None = None,
     seed: int = 0,
     target: str = "prediction",
-    warm_start: bool = False,
     convexity_iterations: int = 0,
     grid_samples: int = 0,
     rank: int = 0,
-    built_attacks: Mapping[tuple[str, float, str], Attack] | None = None,
     model_name: str | None = None,
     progress: Callable[[str], None] | None = None,
     keep_maps: bool = False,
@@ -227,8 +223,8 @@ def measure_batch(
     every metric; one `Record` per (sample, method, budget, attack). Noise seeds come from `seed` and the dataset
     `indices`, so a sample's records do not depend on its batch or device.
 
-    The attacks may search with cheaper maps (warm-started, fewer solver steps: `warm_start` and the top-k
-    attack's `search_settings`), but what is reported is exact: the clean map and the map of every attacked input
+    The attacks may search with cheaper maps (warm-started, fewer solver steps: the top-k attack's `warm_start`
+    and `search_settings`), but what is reported is exact: the clean map and the map of every attacked input
     are made by the explainer as configured, cold, with the sample's seeds. A sample that the attack did not move
     keeps its clean input, so its attacked map is the clean map itself (not computed again: 0 evaluations).
 
@@ -239,19 +235,15 @@ def measure_batch(
         indices: `(B,)` dataset indices (the records' keys and the noise seeds' source).
         explainers: `{label: explainer}` built on `model`.
         epsilons: the attack budgets (L2, pixel units).
-        attacks: `{label: factory(explainer, epsilon) -> Attack}` (default: the top-k attack).
+        attacks: `{label: factory(explainer, epsilon) -> Attack}` (default: the top-k attack), each built here
+            once per explainer and budget; an attack that warm-starts is given the clean map's solution.
         metrics: `{label: SampleMetric}` (default: distance, top-k, SSIM, sparsity). Not updated here.
         seed: the global seed of every noise draw.
         target: explain the model's `prediction` or the dataset `label`.
-        warm_start: start the attack's solves from the clean map's solution, each attack step's from the
-            previous one (attacks with a `warm_start` setting). Only the search is warm-started: the clean and
-            the attacked maps are always the explainer's, as configured, cold, with the sample's seeds.
         convexity_iterations: power iterations of the local weak-convexity estimate of MoreauGrad-family rows
             (0: not computed).
         grid_samples: keep the maps of samples with dataset index below this for the saliency grid.
         rank: the process's rank, stored in the records.
-        built_attacks: attacks already built per `(explainer label, epsilon, attack label)` (the evaluation
-            module builds them once); the rest are built from `attacks` here.
         model_name: how an error about the model's scores names it (default: its class name).
         progress: called with a short description before each phase (clean map, each attack).
         keep_maps: return every clean and attacked map (`BatchMeasurement.maps`, detached, on the CPU).
@@ -328,14 +320,12 @@ def measure_batch(
             for attack_label, factory in attacks.items():
                 if progress is not None:
                     progress(f"{label}: {attack_label} attack at ε={eps:g}")
-                attack = (built_attacks or {}).get((label, eps, attack_label)) or build_attack(
-                    factory, explainer, eps, warm_start
-                )
+                attack = build_attack(factory, explainer, eps)
                 if not attack.applies:
                     continue
                 started = _clock(images)
-                initial = explanation.solution if warm_start else None
-                result = attack.run(images, explained, seeds=seeds, initial=initial)
+                # An attack that warm-starts its solver starts from the clean map's solution; the others ignore it.
+                result = attack.run(images, explained, seeds=seeds, initial=explanation.solution)
                 seconds_attack = (_clock(images) - started) / batch_size
                 started = _clock(images)
                 attacked, evals_attacked = _attacked_map(explainer, images, result.inputs, explained, seeds, clean)

@@ -24,23 +24,24 @@ import socket
 import time
 from pathlib import Path
 
-__all__ = ["COMMAND_LOCK_VARIABLE", "RunFolderBusyError", "RunLock", "choose_run_folder", "discard_unstarted",
-           "locked_by_command", "move_aside"]
+__all__ = ["RunFolderBusyError", "RunLock", "choose_run_folder", "discard_unstarted", "locked_by_command",
+           "move_aside"]
 
 # What a run writes into its folder (the lock file aside); what --overwrite moves aside and an unstarted run removes.
 RUN_CONTENTS = ("records", "grid", "maps", "added", "run.json", "config.yaml", "results.*", "*.png",
                 "events.out.tfevents.*", "hparams.yaml")
 
 
-# Set by `evaluate.py` while the command holds its run folder's lock (read by its own processes and by those that
-# Lightning starts from it): the evaluator then takes no lock of its own.
-COMMAND_LOCK_VARIABLE = "MGLIGHTNING_EVALUATION_RUN_LOCKED"
-
-
 def locked_by_command(run_dir: str | Path) -> bool:
-    """Whether the `evaluate.py` command running this process already holds `run_dir`'s lock."""
-    held = os.environ.get(COMMAND_LOCK_VARIABLE)
-    return bool(held) and Path(held).absolute() == Path(run_dir).absolute()
+    """Whether the command running this process holds `run_dir`'s lock, as its `.lock` file says: this process
+    (`evaluate.py` takes the lock before the evaluator runs), or the process that started it (a `ddp_spawn` rank).
+    The evaluator then takes no lock of its own. Only the holder writes the file, and removes it on release."""
+    try:
+        holder = json.loads((Path(run_dir) / ".lock").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(holder, dict) and holder.get("host") == socket.gethostname() and holder.get("pid") in (
+        os.getpid(), os.getppid())
 
 
 class RunFolderBusyError(RuntimeError):

@@ -7,8 +7,6 @@ the device-aggregated metrics for TensorBoard and, at the end, the report (`mgli
 
 from __future__ import annotations
 
-import functools
-import inspect
 import platform
 import sys
 import threading
@@ -90,7 +88,10 @@ class ExplanationEvaluator(pl.LightningModule):
         attacks: `{label: attack}` in YAML as `{class_path: mglightning.attacks.TopKInterpretationAttack,
             init_args: {num_steps: 10}}` (the explainer and budget are passed in); your own attack subclasses
             `mglightning.attacks.Attack`. With several, each sample counts at its worst case over them. Default:
-            `{topk: TopKInterpretationAttack}`.
+            `{topk: TopKInterpretationAttack}`. The cheap search is the top-k attack's own: `init_args:
+            {warm_start: true, search_settings: {num_steps: 10, average_last: 0}}` starts each step's MoreauGrad
+            solve from the previous step's solution (the first from the clean map's) and takes 10 steps. Only the
+            search is cheaper: the clean and attacked maps are always the explainer's, cold.
         metrics: `{label: metric}` in YAML as `{class_path: mglightning.metrics.TopKIntersection, init_args:
             {fraction: 0.4}}`; your own metric subclasses `mglightning.metrics.SampleMetric`. Default: distance,
             top-k intersection, SSIM and sparsity.
@@ -101,18 +102,6 @@ class ExplanationEvaluator(pl.LightningModule):
         seed: global seed of every noise draw and of the bootstrap.
         grid_samples: samples shown in the saliency grid (the first dataset indices).
         bootstrap_samples: resamples of the bootstrap intervals.
-        warm_start: start every MoreauGrad solve of the attack from the previous step's solution, the first from
-            the clean map's (it switches on the attacks' own `warm_start`); with the top-k attack's
-            `search_settings` (e.g. `{num_steps: 10, average_last: 0}`) each step's solve is then short. Only the
-            search is warm-started: the clean and attacked maps are always the explainer's, cold. Default False.
-        explainer_settings: settings given to every explainer whose class takes them, over its own (the fast
-            preset's `{tol: 0.03, tol_window: 10, average_last: 0}` reaches the MoreauGrad family only); a setting
-            that no explainer takes is an error.
-        search_settings: solver settings of the maps the attacks search with, over each explainer's own (e.g.
-            `{num_steps: 10, average_last: 0}` with `warm_start`: each attack step's MoreauGrad solve takes 10 steps
-            from the previous step's solution): given to every attack that takes `search_settings` (the top-k
-            attack; an attack's own `search_settings` in its `init_args` win), and used by the maps with a solver
-            only. The reported maps keep the explainers' settings. Default null: the search uses them too.
         convexity_iterations: with `n > 0`, estimate per sample the weak convexity `lambda` of the explained score
             by `n` power iterations on Hessian-vector products, and record for each MoreauGrad-family row whether
             `rho < 1 / lambda` (results column `convex share`) and Corollary 1's bound. 0 (default) skips it.
@@ -144,9 +133,6 @@ class ExplanationEvaluator(pl.LightningModule):
         seed: int = 0,
         grid_samples: int = 4,
         bootstrap_samples: int = 1000,
-        warm_start: bool = False,
-        explainer_settings: dict[str, Any] | None = None,
-        search_settings: dict[str, Any] | None = None,
         convexity_iterations: int = 0,
         keep_maps: Literal["float16", "float32"] | None = None,
         keep_inputs: bool = False,
@@ -191,7 +177,6 @@ class ExplanationEvaluator(pl.LightningModule):
         self.seed = seed
         self.grid_samples = grid_samples
         self.bootstrap_samples = bootstrap_samples
-        self.warm_start = bool(warm_start)
         self.convexity_iterations = convexity_iterations
         self.keep_maps = keep_maps
         self.keep_inputs = bool(keep_inputs)
@@ -205,8 +190,6 @@ class ExplanationEvaluator(pl.LightningModule):
         # Explanations differentiate with respect to the inputs only; frozen weights skip their gradients.
         self.classifier.requires_grad_(False)
         self.explainers: dict[str, Explainer] = {}
-        overrides = dict(explainer_settings or {})
-        used: set[str] = set()
         for label, factory in explainers.items():
             explainer = factory(self.classifier)
             if not isinstance(explainer, Explainer):
@@ -214,42 +197,22 @@ class ExplanationEvaluator(pl.LightningModule):
                     f"explainers[{label!r}] built a {type(explainer).__name__}, not an mglightning Explainer; use "
                     "class_path: mglightning.explainers.<Method>."
                 )
-            own = {name: getattr(explainer, name) for name in explainer.settings()}
-            taken = {name: value for name, value in overrides.items() if name in own}
-            if taken:
-                explainer = type(explainer)(self.classifier, **{**own, **taken})
-                used |= set(taken)
             self.explainers[str(label)] = explainer
-        if set(overrides) - used:
-            raise ValueError(
-                f"explainer_settings {sorted(set(overrides) - used)} are taken by none of the explainers "
-                f"({', '.join(self.explainers)}); check the spelling (python evaluate.py --help lists the settings)."
-            )
         self.attack_factories: dict[str, AttackFactory] = dict(attacks) if attacks is not None else default_attacks()
-        if search_settings:
-            self.attack_factories = {
-                label: _with_search_settings(factory, dict(search_settings))
-                for label, factory in self.attack_factories.items()
-            }
-            if not any(_takes_search_settings(factory) for factory in self.attack_factories.values()):
-                raise ValueError(
-                    f"search_settings {dict(search_settings)} are taken by none of the attacks "
-                    f"({', '.join(self.attack_factories)}); they reach attacks with a `search_settings` setting "
-                    "(mglightning.attacks.TopKInterpretationAttack)."
-                )
         self.metrics = dict(metrics) if metrics is not None else default_metrics()
         self.columns = metric_columns(self.metrics)
         self.rows = method_rows(list(self.explainers), epsilons)
-        # Every attack is built once, here, so that a misspelt or impossible setting fails before the run.
+        # Every attack is built here first, so that a misspelt or impossible setting fails before the run
+        # (`measure_batch` builds them from the same factories for each batch).
         self.attacks = {}
         for _, label, eps in self.rows:
             for attack_label, factory in self.attack_factories.items():
                 try:
-                    self.attacks[(label, eps, attack_label)] = build_attack(
-                        factory, self.explainers[label], eps, self.warm_start
-                    )
+                    self.attacks[(label, eps, attack_label)] = build_attack(factory, self.explainers[label], eps)
                 except (TypeError, ValueError) as error:
                     raise ValueError(f"attacks[{attack_label!r}] on explainers[{label!r}] at ε={eps:g}: {error}") from None
+        # The run description's `warm_start`: whether an attack warm-starts its solves (an attack's own setting).
+        self.warm_start = any(getattr(attack, "warm_start", False) is True for attack in self.attacks.values())
         # The device-aggregated mean of every metric, per results row and attack (torchmetrics states, synced).
         self.aggregates = nn.ModuleList(
             [metric.clone() for _ in self.rows for _ in self.attack_factories for metric in self.metrics.values()]
@@ -425,8 +388,8 @@ class ExplanationEvaluator(pl.LightningModule):
         measured = measure_batch(
             self.classifier, images, labels, indices, explainers=self.explainers, epsilons=self.epsilons,
             attacks=self.attack_factories, metrics=self.metrics, seed=self.seed, target=self.target_kind,
-            warm_start=self.warm_start, convexity_iterations=self.convexity_iterations,
-            grid_samples=self.grid_samples, rank=self.trainer.global_rank, built_attacks=self.attacks,
+            convexity_iterations=self.convexity_iterations,
+            grid_samples=self.grid_samples, rank=self.trainer.global_rank,
             model_name=f"{type(self.classifier).__name__} ({self.classifier_source})",
             progress=self._progress.describe if self._progress is not None else None,
             keep_maps=self._map_writer is not None, keep_inputs=self.keep_inputs,
@@ -620,25 +583,6 @@ def _frame(records):
     import pandas as pd
 
     return pd.DataFrame([record.row() for record in records])
-
-
-def _takes_search_settings(factory: Any) -> bool:
-    # A config's factory is a partial of jsonargparse's instantiator holding every init_arg of the class.
-    if "search_settings" in (getattr(factory, "keywords", None) or {}):
-        return True
-    try:
-        return "search_settings" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):  # a callable without a signature takes nothing by name
-        return False
-
-
-def _with_search_settings(factory: Any, settings: dict[str, Any]) -> Any:
-    """The factory with the evaluation's `search_settings` under its own (a partial, so the run description
-    records them among the attack's settings); a factory that does not take them is returned as it is."""
-    if not _takes_search_settings(factory):
-        return factory
-    own = dict((getattr(factory, "keywords", None) or {}).get("search_settings") or {})
-    return functools.partial(factory, search_settings={**settings, **own})
 
 
 def _class_path(cls: type) -> str:
