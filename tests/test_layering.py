@@ -93,3 +93,55 @@ def test_checks_is_the_bottom_floor():
     assert graph["mglightning.checks"] == set(), sorted(graph["mglightning.checks"])
     for user in ("mglightning.explainers.base", "mglightning.attacks._common", "mglightning.metrics.fidelity"):
         assert "mglightning.checks" in graph[user], user
+
+
+# The floors of docs/architecture.md: a module imports only from lower floors (same-floor packages are
+# independent). Top-level modules count as packages of their own.
+FLOORS = {
+    "checks": 0, "random": 0, "models": 0, "data": 0, "checkpointing": 0, "cli_common": 0,
+    "explainers": 1, "units": 1,
+    "metrics": 2,
+    "attacks": 3,
+    "evaluation": 4,
+    "reporting": 5,
+    "modules": 6, "paper_figures": 6, "integrations": 6,
+    "train_cli": 7, "evaluate_cli": 7, "frontier": 7,
+    "mglightning": 8, "cli": 8,
+}
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+MAX_MODULE_LINES = 450
+
+
+def floor_of(name: str) -> int:
+    part = subpackage(name).removeprefix("mglightning.")
+    if part not in FLOORS:
+        raise AssertionError(f"{part} has no floor: place it in FLOORS here and in docs/architecture.md")
+    return FLOORS[part]
+
+
+def test_every_import_goes_down_a_floor():
+    graph = import_graph()
+    wrong = sorted(
+        f"{name} (floor {floor_of(name)}) -> {target} (floor {floor_of(target)})"
+        for name, targets in graph.items() for target in targets
+        if subpackage(target) != subpackage(name) and floor_of(target) >= floor_of(name)
+    )
+    assert not wrong, "imports that go sideways or up (docs/architecture.md):\n" + "\n".join(wrong)
+
+
+def test_the_architecture_page_draws_these_floors():
+    text = ARCHITECTURE.read_text()
+    diagram = text.split("```text\n", 1)[1].split("```", 1)[0]
+    drawn = {}
+    for line in diagram.splitlines():
+        floor, *rest = line.split()
+        for word in " ".join(rest).split():
+            if word in FLOORS:
+                drawn[word] = int(floor)
+    assert drawn == FLOORS
+
+
+def test_no_module_is_over_the_size_limit():
+    long = {str(path.relative_to(PACKAGE.parent)): n for path in PACKAGE.rglob("*.py")
+            if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"split these by concern (docs/architecture.md, 'Module size'): {long}"
