@@ -300,6 +300,9 @@ class ExplanationEvaluator(pl.LightningModule):
         datamodule.evaluate_on(remaining)
         self.samples_to_evaluate = remaining
         self._writer = RecordWriter(run_dir, self.trainer.global_rank, self.description.metric_columns)
+        # States of this process's own: `ddp_spawn` sends the module to its processes with its tensors in shared
+        # memory, where one device's in-place sums (a metric's sample count) would add to the others'.
+        self.aggregates.reset()
         if self.keep_maps is not None:
             self._map_writer = MapWriter(run_dir, self.trainer.global_rank, self.keep_maps)
         if done and self.trainer.is_global_zero:
