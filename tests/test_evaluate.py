@@ -181,6 +181,23 @@ def test_outputs_records_files_and_tensorboard(checkpoint, tmp_path, capsys):
     assert any("robustness" in tag for tag in images) and any("saliency" in tag for tag in images)
 
 
+def test_the_device_aggregated_means_of_two_processes_are_those_of_one(checkpoint, tmp_path):
+    """`test/<row>/<attack>/<column>`, each metric's mean synced over the devices: two `ddp_spawn` processes (which
+    receive the evaluator with its tensors in shared memory) log what one process logs."""
+    logged = []
+    for devices in (1, 2):
+        distributed = ["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"] if devices == 2 else []
+        out = tmp_path / f"devices{devices}"
+        evaluate.cli_main(eval_args(checkpoint, out, *distributed, explainers=FEW_EXPLAINERS))
+        events = EventAccumulator(str(only_run(out)), size_guidance={"scalars": 0})
+        events.Reload()
+        logged.append({tag: events.Scalars(tag)[0].value for tag in events.Tags()["scalars"]
+                       if tag.count("/") == 3 and "seconds" not in tag})
+    assert "test/moreaugrad/topk/topk" in logged[0] and logged[0].keys() == logged[1].keys()
+    for tag, value in logged[0].items():
+        assert logged[1][tag] == pytest.approx(value, abs=1e-5), tag
+
+
 def test_report_recomputes_the_results_from_records(checkpoint, tmp_path):
     cli = evaluate.cli_main(eval_args(checkpoint, tmp_path, explainers=FEW_EXPLAINERS))
     run_dir = Path(cli.model.run_dir)

@@ -1,21 +1,33 @@
 """The typed description of an evaluation run (`<run_dir>/run.json`): what was evaluated, and how to read it.
 
-The evaluator writes it when a run starts; the report reads it to name and order the results rows, and a
-resumed run compares its `fingerprint` (every field that changes a record) with the new evaluation's, so records
-of another evaluation are never mixed in.
+The evaluator builds it with `describe_run` when a run starts (the classifier's weights file identified by its
+SHA-256) and writes it; the report reads it to name and order the results rows, and a resumed run compares its
+`fingerprint` (every field that changes a record) with the new evaluation's, so records of another evaluation are
+never mixed in.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import platform
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from mglightning.evaluation.files import atomic_write_bytes
+from mglightning.random import NOISE_PROTOCOL
 
-__all__ = ["AttackSpec", "ExplainerSpec", "MetricSpec", "RowSpec", "RunDescription", "RunDescriptionError"]
+if TYPE_CHECKING:
+    from mglightning.attacks import Attack
+    from mglightning.explainers.base import Explainer
+    from mglightning.models.loading import ClassifierSource
+
+__all__ = ["AttackSpec", "ExplainerSpec", "MetricSpec", "RowSpec", "RunDescription", "RunDescriptionError",
+           "describe_run", "file_sha256", "weights_file"]
 
 # Fields that describe how a run is reported, not what it measured: they are not part of its fingerprint. Most may
 # change between a run and its resume; the evaluator refuses a change of `keep_maps` and `keep_inputs`, which would
@@ -185,3 +197,109 @@ class RunDescription:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RunDescriptionError(f"{path} cannot be read ({error}); evaluate into a new folder.") from None
         return cls.from_dict(data)
+
+
+def describe_run(
+    *,
+    classifier: ClassifierSource | str,
+    datamodule: Any,
+    planned_samples: int,
+    explainers: Mapping[str, Explainer],
+    attack_factories: Mapping[str, Any],
+    attacks: Mapping[tuple[str, float, str], Attack],
+    metrics: tuple[MetricSpec, ...],
+    rows: Sequence[tuple[str, str, float]],
+    epsilons: Sequence[float],
+    target: str,
+    seed: int,
+    warm_start: bool,
+    convexity_iterations: int,
+    bootstrap_samples: int,
+    grid_samples: int,
+    keep_maps: str | None,
+    keep_inputs: bool,
+    note: str | None,
+) -> RunDescription:
+    """The description of an evaluation about to run: every setting that changes a record, and how to report it.
+
+    Args:
+        classifier: the evaluator's classifier source; its weights file is hashed into `classifier_sha256`.
+        datamodule: the set-up data module (its class names the data set, its `hparams` but the loading ones are
+            the data settings, its `test_dataset` gives the test set size).
+        planned_samples: how many test samples the run evaluates in all.
+        explainers: `{label: explainer}`, as built.
+        attack_factories: `{label: factory}` from the config (a partial's keywords are the attack's settings).
+        attacks: `{(explainer label, budget, attack label): attack}`, every attack as built.
+        metrics: the metrics' specs (`mglightning.evaluation.measure.metric_specs`).
+        rows: `(results row, explainer label, budget)` of every results row (`method_rows`).
+        epsilons: the budgets.
+        target, seed, warm_start, convexity_iterations, bootstrap_samples, grid_samples, keep_maps, keep_inputs,
+            note: the evaluator's settings of those names.
+    """
+    explainer_specs = tuple(
+        ExplainerSpec(
+            label=label, name=explainer.name, display_name=explainer.display_name, family=explainer.family,
+            class_path=_class_path(type(explainer)),
+            settings={name: getattr(explainer, name) for name in explainer.settings()},
+        )
+        for label, explainer in explainers.items()
+    )
+    _, first_label, first_eps = rows[0]
+    built = {label: attacks[(first_label, first_eps, label)] for label in attack_factories}
+    attack_specs = tuple(
+        AttackSpec(label=label, name=getattr(built[label], "name", label), class_path=_class_path(type(built[label])),
+                   settings=dict(getattr(factory, "keywords", {}) or {}))  # a bare class passes no settings
+        for label, factory in attack_factories.items()
+    )
+    row_specs = tuple(
+        RowSpec(
+            method=row, label=label, explainer=explainers[label].name,
+            display_name=explainers[label].display_name + ("" if len(epsilons) == 1 else f" (ε={eps:g})"),
+            family=explainers[label].family, epsilon=eps,
+            surrogates={attack_label: getattr(attacks[(label, eps, attack_label)], "surrogate_name", "none")
+                        for attack_label in attack_factories if attacks[(label, eps, attack_label)].applies},
+        )
+        for row, label, eps in rows
+    )
+    data_settings = {
+        key: value
+        for key, value in dict(getattr(datamodule, "hparams", {})).items()
+        if key not in ("batch_size", "num_workers", "pin_memory")
+    }
+    attack_names = ", ".join(attack_factories)
+    return RunDescription(
+        classifier=str(classifier),
+        classifier_sha256=file_sha256(weights_file(classifier)),
+        dataset=type(datamodule).__name__, data_settings=data_settings,
+        test_set_size=len(datamodule.test_dataset), planned_samples=planned_samples,
+        explainers=explainer_specs, attacks=attack_specs, metrics=metrics, rows=row_specs, epsilons=tuple(epsilons),
+        target=target, seed=seed, warm_start=warm_start,
+        convexity_iterations=convexity_iterations, noise_protocol=NOISE_PROTOCOL,
+        bootstrap_samples=bootstrap_samples,
+        grid_samples=grid_samples, keep_maps=keep_maps, keep_inputs=keep_inputs,
+        versions={"python": platform.python_version(), "torch": torch.__version__},
+        title=f"{type(datamodule).__name__}, {attack_names} attack" + ("s" if len(attack_factories) > 1 else ""),
+        note=note,
+    )
+
+
+def weights_file(source: ClassifierSource | str) -> str | None:
+    """The file holding the classifier's weights, for the run's fingerprint (None for timm's cache)."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    return source.checkpoint or source.weights
+
+
+def file_sha256(path: str | Path | None) -> str | None:
+    """SHA-256 of a file (the classifier's weights), read in 1 MiB blocks; None for what is not a file."""
+    if path is None or not Path(str(path)).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(Path(str(path)), "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -12,6 +12,8 @@
   refused before the classifier is even loaded), and a command that fails or is refused removes only what it
   created itself: the new `version_<n>` folder it reserved (`discard_unstarted`, so that `--resume last` cannot
   pick an empty run), or, in a `--resume` folder, its own lock and logger files. Never an earlier run's files.
+- **One run's hold on it**: `RunFolder` takes a run from the lock to the description written (checking that the
+  folder holds nothing of another evaluation, reading which samples it already recorded) and releases it.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["RunFolderBusyError", "RunLock", "choose_run_folder", "discard_unstarted", "locked_by_command",
-           "move_aside"]
+from mglightning.evaluation.description import RunDescription, RunDescriptionError
+from mglightning.evaluation.records import recorded_indices
+
+__all__ = ["RunFolder", "RunFolderBusyError", "RunLock", "choose_run_folder",
+           "discard_logger_events", "discard_unstarted", "locked_by_command", "move_aside"]
 
 # What a run writes into its folder (the lock file aside); what --overwrite moves aside and an unstarted run removes.
 RUN_CONTENTS = ("records", "grid", "maps", "added", "run.json", "config.yaml", "results.*", "*.png",
@@ -194,3 +201,104 @@ def discard_unstarted(run_dir: str | Path, lock: RunLock) -> bool:
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
     return True
+
+
+class RunFolder:
+    """One run's hold on its folder: the lock, the checks against what the folder already holds, the description
+    written, and the release.
+
+    Every process of the run calls `open` in step (`barrier` between the steps, e.g. the Lightning strategy's);
+    rank 0 takes the lock (unless the `evaluate.py` command running it already holds it), moves an old run aside
+    and writes the description. A refused run (the folder busy, another evaluation in it, its records damaged)
+    changes nothing in the folder: the lock is released before the error propagates; the caller removes the files
+    its process created before the checks (`discard_logger_events`).
+
+    Args:
+        path: the run folder (the same on every process).
+        rank_zero: whether this process is rank 0, the one that locks and writes.
+    """
+
+    def __init__(self, path: Path, rank_zero: bool) -> None:
+        self.path = path
+        self.rank_zero = rank_zero
+        self._lock: RunLock | None = None
+        self.checked = False  # whether the folder was accepted (a refused run changed nothing in it)
+
+    def open(self, description: RunDescription, overwrite: bool, barrier: Callable[[str], Any]) -> set[int]:
+        """Lock the folder, check it can take this evaluation, move an old one aside (with `overwrite`) and write
+        the description; returns the dataset indices whose records the folder already holds complete.
+
+        Raises:
+            RunFolderBusyError: another live process holds the folder.
+            ValueError: the folder holds an evaluation with other settings, or the same one with other stored
+                maps, and `overwrite` is off; or (`DamagedFileError`) a records file of the folder cannot be read.
+        """
+        if self.rank_zero and not locked_by_command(self.path):
+            self._lock = RunLock(self.path).acquire()
+        barrier("run folder locked")
+        replacing = (self.path / "run.json").is_file() and overwrite
+        try:
+            refusal = None if overwrite else _refusal(self.path, description)
+            if refusal is not None:
+                raise ValueError(refusal)
+            barrier("run folder checked")
+            expected = {row.method: list(row.surrogates) for row in description.rows}
+            # Read before anything is written: a damaged records file refuses the run, the folder as it was.
+            done = set() if replacing else recorded_indices(self.path, expected, description.metric_columns)
+        except ValueError:
+            self.release()
+            raise
+        barrier("records read")
+        self.checked = True
+        if self.rank_zero:
+            if replacing:
+                aside = move_aside(self.path)
+                print(f"--overwrite: the previous run in {self.path} was moved to {aside}.")
+            description.save(self.path)
+        barrier("run described")
+        return done
+
+    def release(self) -> None:
+        """Release the lock now (a process that ends releases it anyway)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+
+def _refusal(run_dir: Path, description: RunDescription) -> str | None:
+    """Why `run_dir` cannot be resumed with `description` (None: it can, or it holds no run yet): it holds an
+    evaluation with other settings (or an unreadable run.json), or this one with other stored maps."""
+    if not (run_dir / "run.json").is_file():
+        return None
+    try:
+        existing = RunDescription.load(run_dir)
+    except RunDescriptionError:
+        changed = ["unreadable"]
+    else:
+        if existing.fingerprint == description.fingerprint:
+            if (existing.keep_maps, existing.keep_inputs) == (description.keep_maps, description.keep_inputs):
+                return None
+            return (
+                f"{run_dir} was started with keep_maps={existing.keep_maps}, keep_inputs={existing.keep_inputs}; "
+                f"resuming it with keep_maps={description.keep_maps}, keep_inputs={description.keep_inputs} would "
+                "leave some of its samples without stored maps (or inputs). Nothing in it was changed. Resume with "
+                "the run's settings, evaluate into a new folder, or pass --overwrite true to start it afresh."
+            )
+        changed = existing.differences(description)
+    return (
+        f"{run_dir} holds an evaluation with other settings (differing: {', '.join(changed) or 'unknown'}), "
+        "so its records cannot be resumed; nothing in it was changed. Evaluate into a new folder "
+        "(evaluate.py makes one unless --resume is given), or pass --overwrite true to move the old run "
+        "aside and start afresh."
+    )
+
+
+def discard_logger_events(logger: Any) -> None:
+    """Close and remove the events file that a Lightning TensorBoard `logger` opened in the run folder at set-up,
+    before the folder was checked (never an earlier run's file); nothing for another logger or none."""
+    experiment = getattr(logger, "_experiment", None) if logger is not None else None
+    path = getattr(getattr(getattr(experiment, "file_writer", None), "event_writer", None), "_file_name", None)
+    if path:
+        experiment.close()
+        Path(path).unlink(missing_ok=True)
+        logger._experiment = None

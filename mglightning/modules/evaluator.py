@@ -1,34 +1,29 @@
-"""The evaluation LightningModule: a thin shell around `mglightning.evaluation.measure_batch`.
+"""The evaluation LightningModule: a shell that wires `mglightning.evaluation.measure_batch` to Lightning.
 
-It handles what a single batch does not: the devices (each sample exactly once, any number of processes), the
-run folder (its lock, resume, `--overwrite`), writing each batch's records and grid samples, the progress bar,
-the device-aggregated metrics for TensorBoard and, at the end, the report (`mglightning.reporting.report`).
+It handles what a single batch does not, each concern in its own module: the devices (each sample exactly once,
+any number of processes), the run folder (`mglightning.evaluation.run_folder.RunFolder`: its lock, resume,
+`--overwrite`), the run description (`mglightning.evaluation.description.describe_run`), writing each batch's
+records, maps and grid samples, the progress bar (`mglightning.modules.progress.EvaluationProgress`), the
+device-aggregated metrics logged for TensorBoard and, at the end, the report (`mglightning.reporting.report`).
 """
 
 from __future__ import annotations
 
-import platform
-import sys
-import threading
+import io
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from torchmetrics import MetricCollection
 
 from mglightning.attacks import Attack
-from mglightning.evaluation.description import (
-    AttackSpec,
-    ExplainerSpec,
-    RowSpec,
-    RunDescription,
-    RunDescriptionError,
-)
-from mglightning.evaluation.maps import MAP_DTYPES, MapWriter
+from mglightning.evaluation.description import RunDescription, describe_run
+from mglightning.evaluation.files import atomic_write_bytes
+from mglightning.evaluation.maps import MapWriter
 from mglightning.evaluation.measure import (
     AttackFactory,
     GridSample,
@@ -40,13 +35,13 @@ from mglightning.evaluation.measure import (
     metric_columns,
     metric_specs,
 )
-from mglightning.evaluation.files import DamagedFileError, atomic_write_bytes
-from mglightning.evaluation.records import RecordWriter, read_records, recorded_indices
-from mglightning.evaluation.run_folder import RunFolderBusyError, RunLock, locked_by_command, move_aside
+from mglightning.evaluation.records import RecordWriter, read_records
+from mglightning.evaluation.run_folder import RunFolder, RunFolderBusyError, discard_logger_events
+from mglightning.evaluation.settings import check_evaluation_settings
 from mglightning.explainers.base import Explainer
 from mglightning.models.loading import ClassifierSource, build_classifier
 from mglightning.metrics import SampleMetric
-from mglightning.random import NOISE_PROTOCOL
+from mglightning.modules.progress import EvaluationProgress
 from mglightning.reporting import report
 
 ExplainerFactory = Callable[[nn.Module], Explainer]
@@ -146,30 +141,12 @@ class ExplanationEvaluator(pl.LightningModule):
         std: list[float] | None = None,
     ) -> None:
         super().__init__()
-        if classifier is None:
-            raise ValueError("No classifier given: pass --ckpt_path <file> (or model.classifier in the config).")
-        if not explainers:
-            raise ValueError(
-                "Give at least one explainer, e.g. `explainers: {simple_gradient: "
-                "{class_path: mglightning.explainers.SimpleGradient}}`."
-            )
-        if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be positive (or null for the whole test set), got {max_samples}.")
-        if bootstrap_samples < 1:
-            raise ValueError(f"bootstrap_samples must be positive, got {bootstrap_samples}.")
-        if isinstance(convexity_iterations, bool) or not isinstance(convexity_iterations, int) or convexity_iterations < 0:
-            raise ValueError(f"convexity_iterations must be an integer >= 0 (0 skips it), got {convexity_iterations!r}.")
-        epsilons = [float(e) for e in (epsilon if isinstance(epsilon, (list, tuple)) else [epsilon])]
-        if not epsilons:
-            raise ValueError("Give at least one attack budget epsilon.")
-        _check_distinct(epsilons, [str(label) for label in explainers], list(attacks or {}), keep_maps is not None)
-        if keep_maps is not None and keep_maps not in MAP_DTYPES:
-            raise ValueError(f"keep_maps must be one of {sorted(MAP_DTYPES)} (or null: no maps), got {keep_maps!r}.")
-        if keep_inputs and keep_maps is None:
-            raise ValueError("keep_inputs stores the inputs beside the maps: set keep_maps (float16 or float32) too.")
-        if attacks is not None and not attacks:
-            raise ValueError("Give at least one attack, e.g. `attacks: {topk: {class_path: "
-                             "mglightning.attacks.TopKInterpretationAttack}}` (or leave `attacks` out).")
+        epsilons = check_evaluation_settings(
+            classifier=classifier, explainer_labels=list(explainers or {}),
+            attack_labels=None if attacks is None else list(attacks), epsilon=epsilon, max_samples=max_samples,
+            bootstrap_samples=bootstrap_samples, convexity_iterations=convexity_iterations, keep_maps=keep_maps,
+            keep_inputs=keep_inputs,
+        )
         self.classifier_source = classifier
         self.epsilons = epsilons
         self.target_kind = target
@@ -214,17 +191,31 @@ class ExplanationEvaluator(pl.LightningModule):
         # The run description's `warm_start`: whether an attack warm-starts its solves (an attack's own setting).
         self.warm_start = any(getattr(attack, "warm_start", False) is True for attack in self.attacks.values())
         # The device-aggregated mean of every metric, per results row and attack (torchmetrics states, synced).
-        self.aggregates = nn.ModuleList(
-            [metric.clone() for _ in self.rows for _ in self.attack_factories for metric in self.metrics.values()]
+        self.aggregates = MetricCollection(
+            {
+                _aggregate_key(row, attack_label, label): metric.clone()
+                for row, _, _ in self.rows for attack_label in self.attack_factories
+                for label, metric in self.metrics.items()
+            },
+            compute_groups=False,
         )
         self.result_rows = None  # the ResultRows, on rank 0 after the run
         self.output_paths: dict[str, Path] = {}
         self.description: RunDescription | None = None
-        self._progress: _Progress | None = None
+        self.samples_to_evaluate: list[int] = []  # the dataset indices this run evaluates, over every device
+        self._folder: RunFolder | None = None
+        self._progress: EvaluationProgress | None = None
         self._writer: RecordWriter | None = None
         self._map_writer: MapWriter | None = None
-        self._lock: RunLock | None = None
-        self.folder_checked = False  # whether the run folder was accepted (a refused run changed nothing in it)
+
+    @property
+    def folder_checked(self) -> bool:
+        """Whether the run folder was accepted (a refused run changed nothing in it)."""
+        return self._folder is not None and self._folder.checked
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The progress bar, on whatever trainer runs the evaluation (`test_step` names each phase in it)."""
+        return [EvaluationProgress()]
 
     # ------------------------------------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -248,70 +239,37 @@ class ExplanationEvaluator(pl.LightningModule):
         # Processes started apart (torchrun, SLURM: one per node) each named a folder; rank 0's is the run's.
         run_dir = Path(self.trainer.strategy.broadcast(str(run_dir), src=0))
         self.run_dir = run_dir
-        description = self.describe(datamodule, planned)
-        self.description = description
-        strategy = self.trainer.strategy
-        # evaluate.py took the lock before it wrote anything; run on its own, the evaluator takes it here.
-        if self.trainer.is_global_zero and not locked_by_command(run_dir):
-            try:
-                self._lock = RunLock(run_dir).acquire()
-            except RunFolderBusyError:
-                self._discard_own_events()
-                raise
-        strategy.barrier("run folder locked")
-        existing = _existing_description(run_dir)
-        if existing is not None and existing.fingerprint != description.fingerprint and not self.overwrite:
-            self._release()
-            self._discard_own_events()
-            changed = existing.differences(description) if isinstance(existing, RunDescription) else ["unreadable"]
-            raise ValueError(
-                f"{run_dir} holds an evaluation with other settings (differing: {', '.join(changed) or 'unknown'}), "
-                "so its records cannot be resumed; nothing in it was changed. Evaluate into a new folder "
-                "(evaluate.py makes one unless --resume is given), or pass --overwrite true to move the old run "
-                "aside and start afresh."
-            )
-        stored = (description.keep_maps, description.keep_inputs)
-        kept = (existing.keep_maps, existing.keep_inputs) if isinstance(existing, RunDescription) else stored
-        if kept != stored and not self.overwrite:
-            self._release()
-            self._discard_own_events()
-            raise ValueError(
-                f"{run_dir} was started with keep_maps={existing.keep_maps}, keep_inputs={existing.keep_inputs}; "
-                f"resuming it with keep_maps={description.keep_maps}, keep_inputs={description.keep_inputs} would "
-                "leave some of its samples without stored maps (or inputs). Nothing in it was changed. Resume with "
-                "the run's settings, evaluate into a new folder, or pass --overwrite true to start it afresh."
-            )
-        strategy.barrier("run folder checked")
-        replacing = existing is not None and self.overwrite
-        expected = {row.method: list(row.surrogates) for row in description.rows}
-        try:  # read before anything is written: a damaged records file refuses the run, the folder as it was
-            done = set() if replacing else recorded_indices(run_dir, expected, description.metric_columns)
-        except DamagedFileError:
-            self._release()
-            self._discard_own_events()
+        self.description = describe_run(
+            classifier=self.classifier_source, datamodule=datamodule, planned_samples=planned,
+            explainers=self.explainers, attack_factories=self.attack_factories, attacks=self.attacks,
+            metrics=metric_specs(self.metrics), rows=self.rows, epsilons=self.epsilons, target=self.target_kind,
+            seed=self.seed, warm_start=self.warm_start, convexity_iterations=self.convexity_iterations,
+            bootstrap_samples=self.bootstrap_samples, grid_samples=self.grid_samples, keep_maps=self.keep_maps,
+            keep_inputs=self.keep_inputs, note=self.note,
+        )
+        self._folder = RunFolder(run_dir, self.trainer.is_global_zero)
+        try:
+            done = self._folder.open(self.description, self.overwrite, self.trainer.strategy.barrier)
+        except (RunFolderBusyError, ValueError):  # refused: the folder stays as it was found
+            discard_logger_events(self.logger)
             raise
-        strategy.barrier("records read")
-        self.folder_checked = True
-        if self.trainer.is_global_zero:
-            if replacing:
-                aside = move_aside(run_dir)
-                print(f"--overwrite: the previous run in {run_dir} was moved to {aside}.")
-            description.save(run_dir)
-        strategy.barrier("run described")
         remaining = [index for index in range(planned) if index not in done]
         if not remaining:
-            self._release()
-            self._discard_own_events()
+            self._folder.release()
+            discard_logger_events(self.logger)
             raise RunComplete(run_dir, planned)
         if done and self.trainer.is_global_zero:
             print(f"Resuming {run_dir}: {len(done)} of {planned} samples already recorded, {len(remaining)} to go.")
         datamodule.evaluate_on(remaining)
-        self._remaining = remaining
-        self._writer = RecordWriter(run_dir, self.trainer.global_rank, description.metric_columns)
+        self.samples_to_evaluate = remaining
+        self._writer = RecordWriter(run_dir, self.trainer.global_rank, self.description.metric_columns)
+        # States of this process's own: `ddp_spawn` sends the module to its processes with its tensors in shared
+        # memory, where one device's in-place sums (a metric's sample count) would add to the others'.
+        self.aggregates.reset()
         if self.keep_maps is not None:
             self._map_writer = MapWriter(run_dir, self.trainer.global_rank, self.keep_maps)
         if done and self.trainer.is_global_zero:
-            self._accumulate(read_records(run_dir, description.metric_columns))
+            self._accumulate(read_records(run_dir, self.description.metric_columns))
 
     def _check_shapes(self, datamodule) -> None:
         """Settings that depend on the image size (e.g. `group_size`) fail here, before the first batch."""
@@ -322,55 +280,6 @@ class ExplanationEvaluator(pl.LightningModule):
             except ValueError as error:
                 raise ValueError(f"explainers[{label!r}]: {error}") from None
 
-    def describe(self, datamodule, planned: int) -> RunDescription:
-        """The run's description: every setting that changes a record, and how to report them."""
-        explainers = tuple(
-            ExplainerSpec(
-                label=label, name=explainer.name, display_name=explainer.display_name, family=explainer.family,
-                class_path=_class_path(type(explainer)),
-                settings={name: getattr(explainer, name) for name in explainer.settings()},
-            )
-            for label, explainer in self.explainers.items()
-        )
-        first_row = self.rows[0]
-        built = {label: self.attacks[(first_row[1], first_row[2], label)] for label in self.attack_factories}
-        attacks = tuple(
-            AttackSpec(label=label, name=getattr(built[label], "name", label), class_path=_class_path(type(built[label])),
-                       settings=_factory_settings(factory))
-            for label, factory in self.attack_factories.items()
-        )
-        metrics = metric_specs(self.metrics)
-        rows = tuple(
-            RowSpec(
-                method=row, label=label, explainer=self.explainers[label].name,
-                display_name=self.explainers[label].display_name + ("" if len(self.epsilons) == 1 else f" (ε={eps:g})"),
-                family=self.explainers[label].family, epsilon=eps,
-                surrogates={attack_label: getattr(self.attacks[(label, eps, attack_label)], "surrogate_name", "none")
-                            for attack_label in self.attack_factories if self.attacks[(label, eps, attack_label)].applies},
-            )
-            for row, label, eps in self.rows
-        )
-        data_settings = {
-            key: value
-            for key, value in dict(getattr(datamodule, "hparams", {})).items()
-            if key not in ("batch_size", "num_workers", "pin_memory")
-        }
-        attack_names = ", ".join(self.attack_factories)
-        return RunDescription(
-            classifier=str(self.classifier_source),
-            classifier_sha256=_file_sha256(_weights_file(self.classifier_source)),
-            dataset=type(datamodule).__name__, data_settings=data_settings,
-            test_set_size=len(datamodule.test_dataset), planned_samples=planned,
-            explainers=explainers, attacks=attacks, metrics=metrics, rows=rows, epsilons=tuple(self.epsilons),
-            target=self.target_kind, seed=self.seed, warm_start=self.warm_start,
-            convexity_iterations=self.convexity_iterations, noise_protocol=NOISE_PROTOCOL,
-            bootstrap_samples=self.bootstrap_samples,
-            grid_samples=self.grid_samples, keep_maps=self.keep_maps, keep_inputs=self.keep_inputs,
-            versions={"python": platform.python_version(), "torch": torch.__version__},
-            title=f"{type(datamodule).__name__}, {attack_names} attack" + ("s" if len(self.attack_factories) > 1 else ""),
-            note=self.note,
-        )
-
     # ------------------------------------------------------------------------------------------- the run
     def on_test_start(self) -> None:
         if torch.is_inference_mode_enabled():
@@ -379,9 +288,7 @@ class ExplanationEvaluator(pl.LightningModule):
                 "(evaluate.py does this by default)."
             )
         self.classifier.eval()
-        share = len(self._remaining[self.trainer.global_rank :: self.trainer.world_size])
-        unit = "samples" if self.trainer.world_size == 1 else f"samples of rank 0 (1/{self.trainer.world_size})"
-        self._progress = _Progress(share, unit, enabled=self.trainer.is_global_zero and share > 0)
+        self._progress = next((cb for cb in self.trainer.callbacks if isinstance(cb, EvaluationProgress)), None)
 
     def test_step(self, batch, batch_idx: int) -> None:
         images, labels, indices = batch
@@ -402,27 +309,21 @@ class ExplanationEvaluator(pl.LightningModule):
             self._map_writer.write(measured.maps)
         self._writer.write(measured.records)
         self._accumulate(_frame(measured.records))
-        if self._progress is not None:
-            self._progress.advance(len(images))
 
     def _accumulate(self, frame) -> None:
         """Add the metric values of records (new, or recorded by an earlier run) to the aggregated metrics."""
-        position = 0
         for row, _, _ in self.rows:
             for attack_label in self.attack_factories:
                 part = frame[(frame["method"] == row) & (frame["attack"] == attack_label)]
-                for label, metric in self.metrics.items():
-                    aggregate = self.aggregates[position]
-                    position += 1
-                    if len(part):
-                        aggregate.accumulate({
-                            output: torch.tensor(part[column].to_numpy(dtype="float64"))
-                            for column, (owner, output) in self.columns.items() if owner == label
-                        })
+                if not len(part):
+                    continue
+                for label in self.metrics:
+                    self.aggregates[_aggregate_key(row, attack_label, label)].accumulate({
+                        output: torch.tensor(part[column].to_numpy(dtype="float64"))
+                        for column, (owner, output) in self.columns.items() if owner == label
+                    })
 
     def _save_grid(self, grid: GridSample) -> None:
-        import io
-
         buffer = io.BytesIO()
         torch.save(grid.to_dict(), buffer)
         folder = self.run_dir / "grid"
@@ -431,152 +332,52 @@ class ExplanationEvaluator(pl.LightningModule):
                            buffer.getvalue())
 
     def on_test_epoch_end(self) -> None:
-        if self._progress is not None:
-            self._progress.close()
         # Every rank's records are on disk before rank 0 reads them, and every rank takes part in the sync.
         self.trainer.strategy.barrier("records written")
         with warnings.catch_warnings():  # a rank that evaluated no sample has nothing to add, which is fine
             warnings.filterwarnings("ignore", message=".*compute.*was called before the.*update")
-            aggregated = [metric.compute() for metric in self.aggregates]
+            means = {key: metric.compute() for key, metric in self.aggregates.items(keep_base=True, copy_state=False)}
         if not self.trainer.is_global_zero:
             return
         experiment = getattr(self.logger, "experiment", None) if self.logger is not None else None
         if experiment is not None and not hasattr(experiment, "add_figure"):
             experiment = None
-        if experiment is not None:
-            self._log_aggregates(experiment, aggregated)
+        # At step 0, like the report's scalars: a logged `step` is the step, and keeps Lightning from adding an
+        # `epoch` scalar. The means are already synced; rank 0 logs them as they are.
+        self.log_dict({**self._aggregate_scalars(means), "step": 0.0}, logger=experiment is not None,
+                      batch_size=1, sync_dist=True, rank_zero_only=True)
         self.result_rows, self.output_paths = report(self.run_dir, experiment=experiment)
         if experiment is not None:
             print(f"  TensorBoard: tensorboard --logdir {self.run_dir.parent}")
 
-    def _log_aggregates(self, experiment, aggregated: list) -> None:
+    def _aggregate_scalars(self, means: dict[str, Any]) -> dict[str, torch.Tensor]:
         """`test/<row>/<attack>/<column>`: each metric's mean over every sample, aggregated over the devices."""
-        position = 0
+        scalars = {}
         for row, explainer_label, eps in self.rows:
             for attack_label in self.attack_factories:
-                applies = self.attacks[(explainer_label, eps, attack_label)].applies
+                if not self.attacks[(explainer_label, eps, attack_label)].applies:
+                    continue
                 for label, metric in self.metrics.items():
-                    value = aggregated[position]
-                    position += 1
-                    if not applies:
-                        continue
+                    value = means[_aggregate_key(row, attack_label, label)]
                     outputs = value if isinstance(value, dict) else {next(iter(metric.outputs)): value}
                     for column, (owner, output) in self.columns.items():
                         if owner == label:
-                            experiment.add_scalar(f"test/{row}/{attack_label}/{column}", float(outputs[output]), 0)
+                            scalars[f"test/{row}/{attack_label}/{column}"] = outputs[output]
+        return scalars
 
     def on_test_end(self) -> None:
-        self._release()
+        self.release_run_folder()
 
     def release_run_folder(self) -> None:
         """Release the run folder's lock now (a process that ends releases it anyway), e.g. after a failed run."""
-        self._release()
-
-    def _discard_own_events(self) -> None:
-        """A refused run leaves its folder as it found it: Lightning opens the logger's events file at set-up,
-        before the folder is checked; this closes and removes that one file (never an earlier run's)."""
-        experiment = getattr(self.logger, "_experiment", None) if self.logger is not None else None
-        path = getattr(getattr(getattr(experiment, "file_writer", None), "event_writer", None), "_file_name", None)
-        if path:
-            experiment.close()
-            Path(path).unlink(missing_ok=True)
-            self.logger._experiment = None
-
-    def _release(self) -> None:
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        if self._folder is not None:
+            self._folder.release()
 
 
-class _Progress:
-    """The evaluation's progress bar: samples done (per finished batch, so the time left is measured on whole
-    batches), what is running now, and a clock that keeps ticking through a long attack step."""
-
-    def __init__(self, total: int, unit: str, enabled: bool) -> None:
-        self.unit = unit
-        self.bar = tqdm(
-            total=total, desc=unit, unit="sample", dynamic_ncols=True, file=sys.stderr, disable=not enabled,
-            smoothing=0, bar_format="{n}/{total} {desc} |{bar}| {elapsed} elapsed, {remaining} left",
-        )
-        self._stop = threading.Event()
-        self._ticker = None
-        self._live = enabled and sys.stderr.isatty()  # a log file gets the bar per batch, not every second
-        if self._live:
-            self._ticker = threading.Thread(target=self._tick, daemon=True)
-            self._ticker.start()
-
-    def _tick(self) -> None:
-        while not self._stop.wait(1.0):
-            self.bar.refresh()
-
-    def describe(self, what: str) -> None:
-        if not self.bar.disable:
-            self.bar.set_description_str(f"{self.unit} · {what}", refresh=self._live)
-
-    def advance(self, samples: int) -> None:
-        self.bar.update(samples)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._ticker is not None:
-            self._ticker.join()
-        self.bar.close()
-
-
-def _check_distinct(epsilons: list[float], explainer_labels: list[str], attack_labels: list[str],
-                    keep_maps: bool) -> None:
-    """Refuse, before any work, settings whose results rows or stored maps would share a name (the run would
-    compute everything, then find two records, or two maps, under one key)."""
-    seen: dict[str, float] = {}
-    for eps in epsilons:
-        if f"{eps:g}" in seen:
-            raise ValueError(
-                f"model.epsilon lists the budget {eps:g} twice ({seen[f'{eps:g}']!r} and {eps!r}): each budget is one "
-                f"results row named <explainer>@eps={eps:g}. List each budget once."
-            )
-        seen[f"{eps:g}"] = eps
-    if keep_maps:
-        slashed = [label for label in explainer_labels + attack_labels if "/" in label]
-        if slashed:
-            raise ValueError(f"model.keep_maps names each stored map by its explainer and attack labels: labels "
-                             f"{slashed} hold '/', with which two maps could share a name; rename them.")
-
-
-def _existing_description(run_dir: Path) -> RunDescription | object | None:
-    """The folder's run description: None without one; an unreadable one still blocks a resume."""
-    if not (run_dir / "run.json").is_file():
-        return None
-    try:
-        return RunDescription.load(run_dir)
-    except RunDescriptionError:
-        return _UNREADABLE
-
-
-class _Unreadable:
-    fingerprint = None
-
-
-_UNREADABLE = _Unreadable()
-
-
-def _weights_file(source: ClassifierSource | str) -> str | None:
-    """The file holding the classifier's weights, for the run's fingerprint (None for timm's cache)."""
-    if isinstance(source, ClassifierSource):
-        return source.checkpoint or source.weights
-    return str(source)
-
-
-def _file_sha256(path: str | Path | None) -> str | None:
-    """SHA-256 of a file (the classifier's weights), read in 1 MiB blocks; None for what is not a file."""
-    import hashlib
-
-    if path is None or not Path(str(path)).is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(Path(str(path)), "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _aggregate_key(row: str, attack_label: str, metric_label: str) -> str:
+    """The key in `ExplanationEvaluator.aggregates` of a metric's aggregate for one results row and attack: a module
+    name, so each "." (a budget has one) is written as "\u2024" (ONE DOT LEADER)."""
+    return f"{row}/{attack_label}/{metric_label}".replace(".", "\u2024")
 
 
 def _frame(records):
@@ -585,10 +386,3 @@ def _frame(records):
     return pd.DataFrame([record.row() for record in records])
 
 
-def _class_path(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _factory_settings(factory: Any) -> dict[str, Any]:
-    """The settings a factory passes: the config's `init_args` (a partial's keywords), none for a bare class."""
-    return dict(getattr(factory, "keywords", {}) or {})
