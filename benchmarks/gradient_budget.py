@@ -2,8 +2,8 @@
 
 For each `configs/eval_*.yaml` (or the configs given) and each explainer in it, it builds the explainer with the
 config's settings on a tiny softplus model and runs, for one image and the config's attack settings, exactly
-what the evaluator runs: the clean map, the top-k attack (`attack_steps + 1` evaluations of the differentiated
-map, or of its surrogate) and the attacked map, and reads the explainers' and the attack's own counters
+what the evaluator runs: the clean map and, for each of the config's attacks that applies to the method, its
+search and the attacked map, and reads the explainers' and the attack's own counters
 (`Explanation.gradient_evaluations` and `AttackResult.gradient_evaluations`: model input rows through a forward+backward). The counts depend on the
 settings only, not on the model or the image size, as long as the settings have no `tol` (the paper-faithful
 configs have none; with `tol` the counts depend on the model: measure them with benchmarks/attack_cost.py).
@@ -54,12 +54,20 @@ def explainer_class(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def config_attacks(model_section: dict) -> dict[str, tuple[type, dict]]:
+    """The config's attacks as `{label: (class, init_args)}` (the evaluator's default, the top-k attack, when it
+    names none)."""
+    entries = model_section.get("attacks") or {"topk": {"class_path": "mglightning.attacks.TopKInterpretationAttack"}}
+    return {label: (explainer_class(entry["class_path"]), dict(entry.get("init_args") or {}))
+            for label, entry in entries.items()}
+
+
 def config_budget(path: Path) -> dict:
-    """Per-image gradient evaluations of every explainer of one evaluation config."""
+    """Per-image gradient evaluations of every explainer of one evaluation config, under each of its attacks."""
     model_section = yaml.safe_load(path.read_text())["model"]
     epsilons = model_section.get("epsilon", 1.0)
     epsilons = epsilons if isinstance(epsilons, list) else [epsilons]
-    attack_steps = model_section.get("attack_steps", 10)
+    attacks = config_attacks(model_section)
     model = tiny_model(classes=3)
     rows = {}
     for label, entry in model_section["explainers"].items():
@@ -68,26 +76,27 @@ def config_budget(path: Path) -> dict:
         size = settings.get("group_size", 4)  # the group-sparse method needs H and W divisible by its groups
         image = torch.rand(1, 1, size, size, generator=torch.Generator().manual_seed(0))
         target, seeds = torch.tensor([0]), torch.tensor([0])
-        clean = int(explainer.explain(image, target, seeds=seeds).gradient_evaluations[0])
-        attack = TopKInterpretationAttack(
-            explainer, epsilons[0], num_steps=attack_steps, topk_fraction=model_section.get("topk_fraction", 0.4),
-            surrogate=model_section.get("surrogate", "self"),
-        )
-        result = attack.run(image, target, seeds=seeds)
-        attacked_cost = int(result.gradient_evaluations[0])
-        attacked_map = int(explainer.explain(result.inputs, target, seeds=seeds).gradient_evaluations[0])
-        per_budget = clean + attacked_cost + attacked_map
+        clean = explainer.explain(image, target, seeds=seeds)
+        per_attack = {}
+        for attack_label, (attack_class, attack_settings) in attacks.items():
+            attack = attack_class(explainer, epsilons[0], **attack_settings)
+            if not getattr(attack, "applies", True):
+                continue
+            # As the evaluator runs it: a warm-starting attack starts from the clean map's solution.
+            result = attack.run(image, target, seeds=seeds, initial=clean.solution)
+            attacked_map = int(explainer.explain(result.inputs, target, seeds=seeds).gradient_evaluations[0])
+            per_attack[attack_label] = {"attack": int(result.gradient_evaluations[0]), "attacked_map": attacked_map}
+        clean_map = int(clean.gradient_evaluations[0])
+        per_budget = sum(cost["attack"] + cost["attacked_map"] for cost in per_attack.values())
         rows[label] = {
             "settings": settings,
-            "attacked_through": attack.surrogate_name,
-            "clean_map": clean,
-            "attack": attacked_cost,
-            "attacked_map": attacked_map,
-            "per_budget": per_budget,
-            # The clean map is computed once per image, the attack and the attacked map once per budget.
-            "all_budgets": clean + len(epsilons) * (attacked_cost + attacked_map),
+            "clean_map": clean_map,
+            "attacks": per_attack,
+            "per_budget": clean_map + per_budget,
+            # The clean map is computed once per image, the attacks and the attacked maps once per budget.
+            "all_budgets": clean_map + len(epsilons) * per_budget,
         }
-    return {"config": str(path), "budgets": epsilons, "attack_steps": attack_steps, "methods": rows}
+    return {"config": str(path), "budgets": epsilons, "attacks": list(attacks), "methods": rows}
 
 
 def markdown(budgets: list[dict]) -> str:
@@ -95,17 +104,17 @@ def markdown(budgets: list[dict]) -> str:
     for budget in budgets:
         count = len(budget["budgets"])
         lines += [
-            f"**{budget['config']}** ({count} budget{'s' if count > 1 else ''}, {budget['attack_steps']} attack steps)",
+            f"**{budget['config']}** ({count} budget{'s' if count > 1 else ''}; attacks: "
+            f"{', '.join(budget['attacks'])}; each attack: its search + the attacked map)",
             "",
-            "| method | clean map | attack | attacked map | per image and budget | per image, all budgets |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| method | clean map | " + " | ".join(budget["attacks"]) + " | per image and budget | per image, all budgets |",
+            "|---|---:|" + "---:|" * len(budget["attacks"]) + "---:|---:|",
         ]
         for label, row in budget["methods"].items():
-            through = "" if row["attacked_through"] == "self" else f" (via {row['attacked_through']})"
-            lines.append(
-                f"| `{label}` | {row['clean_map']:,} | {row['attack']:,}{through} | {row['attacked_map']:,} "
-                f"| {row['per_budget']:,} | {row['all_budgets']:,} |"
-            )
+            cells = [f"{row['attacks'][a]['attack']:,} + {row['attacks'][a]['attacked_map']:,}"
+                     if a in row["attacks"] else "–" for a in budget["attacks"]]
+            lines.append(f"| `{label}` | {row['clean_map']:,} | " + " | ".join(cells)
+                         + f" | {row['per_budget']:,} | {row['all_budgets']:,} |")
         lines.append("")
     return "\n".join(lines)
 
