@@ -46,6 +46,7 @@ RENDERERS: dict[str, str] = {
     "evaluation_cost": "mglightning.reporting.render:evaluation_cost_markdown",
     "frontier": "mglightning.reporting.render:frontier_markdown",
     "demo_time": "mglightning.reporting.render:demo_time_markdown",
+    "records_identity": "mglightning.reporting.render:records_identity_markdown",
 }
 
 PROVENANCE_KEYS = ("command", "commit", "machine", "n")
@@ -267,6 +268,20 @@ def demo_time_markdown(path: Path) -> str:
                      f"{run['train_load_before']:.2f} / {run['evaluate_load_before']:.2f} |")
     lines.append(f"| **median** | **{results['median_train_s']:.0f}** | **{results['median_evaluate_s']:.0f}** | "
                  f"**{results['median_total_s']:.0f}** | |")
+    return "\n".join(lines) + "\n\n" + provenance_line(document)
+
+
+def records_identity_markdown(path: Path) -> str:
+    """`benchmarks/records_identity.py`'s comparison of two run folders of one evaluation, before and after a change,
+    from a recorded results file (the comparison under `results`, with `before_commit` and `after_commit`)."""
+    document = read_results_file(path)
+    results = document["results"]
+    differ = [*results["records"]["differ"], *results["maps"]["differ"], *results["results"]["differ"]]
+    lines = ["| before (commit) | after (commit) | records | stored maps | differing columns, maps or results | identical |",
+             "| :--- | :--- | ---: | ---: | :--- | :--- |",
+             f"| `{results['before_commit'][:12]}` | `{results['after_commit'][:12]}` | {results['records']['records']} | "
+             f"{results['maps']['files']} | {', '.join(map(str, differ)) or 'none'} | "
+             f"{'yes, bit for bit' if results['identical'] else 'no'} |"]
     return "\n".join(lines) + "\n\n" + provenance_line(document)
 
 
