@@ -23,6 +23,7 @@ from mglightning.evaluation import files as files_module
 from mglightning.evaluation import AttackSpec, MetricSpec, RowSpec, RunDescription, load_maps
 from mglightning.modules import ClassifierModule
 from mglightning.reporting import bootstrap_interval, compare_paired, read_records, summarise_records
+from full_disk import fill_the_disk
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -315,26 +316,7 @@ def test_results_do_not_depend_on_batch_size(checkpoint, tmp_path):
 def test_a_failing_write_leaves_no_truncated_results_file(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     path.write_text('{"complete": true}\n')
-    real_open = open
-
-    class FullDisk:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def write(self, text):
-            self.handle.write(text[: len(text) // 2])
-            raise OSError(28, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            self.handle.close()
-
-    monkeypatch.setattr(files_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    fill_the_disk(monkeypatch)
     with pytest.raises(OSError, match="No space"):
         files_module.atomic_write_bytes(path, json.dumps({"complete": False, "rows": list(range(1000))}).encode())
     assert json.loads(path.read_text()) == {"complete": True}, "the previous file is intact"

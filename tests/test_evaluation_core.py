@@ -1,7 +1,6 @@
 """The evaluation core as parts: your own attack and metric by class_path, the batch function without Lightning,
 the record type defined once, and a run folder that work cannot be lost from."""
 
-import errno
 import functools
 import json
 import os
@@ -35,6 +34,7 @@ from mglightning.explainers import MoreauGrad, SimpleGradient, SmoothGrad
 from mglightning.metrics import DeletionInsertionAUC, MapBatch, SampleMetric
 from mglightning.evaluation.measure import default_metrics
 from test_evaluate import CHEAP_SEARCH, FEW_EXPLAINERS, ROOT, attack_steps, checkpoint, eval_args, only_run, results_of  # noqa: F401
+from full_disk import empty_the_disk, fill_the_disk
 
 
 class BrightenAttack(Attack):
@@ -259,30 +259,11 @@ def test_a_full_disk_says_so_leaves_no_temporary_file_and_resume_regenerates_the
         if len(grid_writes) == 2 and not failures:  # the second batch's grid samples: the disk is full
             failures.append(path)
             # The real writer, on a disk that fills up half-way through the file.
-            real_open = open
-
-            class FullDisk:
-                def __init__(self, handle):
-                    self.handle = handle
-
-                def write(self, chunk):
-                    self.handle.write(chunk[: len(chunk) // 2])
-                    raise OSError(errno.ENOSPC, "No space left on device")
-
-                def __getattr__(self, name):
-                    return getattr(self.handle, name)
-
-                def __enter__(self):
-                    return self
-
-                def __exit__(self, *exc):
-                    self.handle.close()
-
-            monkeypatch.setattr(files_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+            fill_the_disk(monkeypatch)
             try:
                 return real(path, data)
             finally:
-                monkeypatch.delattr(files_module, "open", raising=False)
+                empty_the_disk(monkeypatch)
         return real(path, data)
 
     monkeypatch.setattr("mglightning.modules.evaluator.atomic_write_bytes", full_for_the_grid)

@@ -2,7 +2,6 @@
 
 import csv
 import doctest
-import errno
 import json
 import math
 
@@ -15,7 +14,6 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-import mglightning.evaluation.files as files_module
 import mglightning.reporting
 from mglightning.evaluation import OutOfSpaceError
 from mglightning.explainers import EXPLAINERS
@@ -31,6 +29,7 @@ from mglightning.reporting import (
     write_results,
 )
 from evaluated_runs import evaluated_run
+from full_disk import fill_the_disk
 
 METHODS = (
     "simple_gradient",
@@ -148,25 +147,7 @@ def test_a_full_disk_while_writing_the_results_keeps_the_previous_files_and_says
     paths = write_results(rows, tmp_path, evaluated_run())
     before = {name: path.read_bytes() for name, path in paths.items()}
 
-    class FullDisk:
-        def __init__(self, handle):
-            self.handle = handle
-
-        def write(self, data):
-            self.handle.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.handle.close()
-
-    real_open = open
-    monkeypatch.setattr(files_module, "open", lambda *a, **k: FullDisk(real_open(*a, **k)), raising=False)
+    fill_the_disk(monkeypatch)
     with pytest.raises(OutOfSpaceError, match=r"writing results\.json .* the records are kept: .*report the run again"):
         write_results(rows[:2], tmp_path, evaluated_run())
     assert {name: path.read_bytes() for name, path in paths.items()} == before, "the previous files are intact"
